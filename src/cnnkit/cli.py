@@ -1,0 +1,333 @@
+"""The ``cnnkit`` command: argument parsing and printing only; every command calls the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+# Help for every config setting; the flag is the setting's flat name (see config.resolve_key).
+SETTING_HELP = {
+    "data.name": "built-in data set: mnist, fashion-mnist, cifar10, cifar100",
+    "data.data_dir": "directory searched first for the data set's files",
+    "data.val_split": "share of the training set held out for validation (default 0.1)",
+    "data.limit": "train on a stratified subset of at most N images",
+    "data.augment": "augmentation preset: none, affine, crop-flip, flip",
+    "model.name": "model: a registered name (cnnkit models), timm:<arch>, or a layer spec "
+    "such as conv32-pool-conv64-pool-drop0.25-fc64",
+    "optim.optimizer": "adam, adamw or sgd (Nesterov momentum)",
+    "optim.lr": "learning rate (default 1e-3)",
+    "optim.momentum": "SGD momentum (default 0.9)",
+    "optim.weight_decay": "weight decay, not applied to biases and norm layers",
+    "optim.schedule": "learning-rate schedule: constant, onecycle, cosine",
+    "optim.warmup_epochs": "linear warm-up epochs before the cosine schedule",
+    "optim.label_smoothing": "label smoothing of the training loss",
+    "train.epochs": "number of epochs (default 5)",
+    "train.batch_size": "batch size (default 32)",
+    "train.seed": "random seed for the split, initialisation, shuffling, augmentation",
+    "train.device": "auto, cpu, cuda, cuda:N or mps",
+    "train.precision": "auto, fp32 or bf16 (autocast)",
+    "train.compile": "torch.compile the model (true/false)",
+    "train.patience": "early stopping: epochs without improvement of --monitor",
+    "train.monitor": "val_acc or val_loss: selects best.pt, drives early stopping",
+    "train.time_budget": "stop training after this many seconds (the epoch ends early)",
+    "train.eval_batch_size": "batch size for validation and evaluation",
+    "run.name": "run directory name under --runs-dir (default <data>-<model>)",
+    "run.runs_dir": "parent directory of runs (default runs)",
+}
+
+
+def _flag(key: str) -> str:
+    from cnnkit.config import FLAT_ALIASES
+
+    flat = {v: k for k, v in FLAT_ALIASES.items()}.get(key, key.split(".")[1])
+    return "--" + flat.replace("_", "-")
+
+
+def _add_train(sub) -> None:
+    from cnnkit.config import all_keys
+
+    p = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model; flags override --config, which overrides "
+        "the defaults. Example: cnnkit train --data mnist --model seed-cnn",
+    )
+    for key in all_keys():
+        kwargs = {"dest": key, "default": argparse.SUPPRESS, "help": SETTING_HELP.get(key)}
+        if key == "train.compile":
+            kwargs.update(action="store_const", const="true")
+        else:
+            kwargs["metavar"] = key.split(".")[1].upper()
+        p.add_argument(_flag(key), **kwargs)
+    p.add_argument("--config", metavar="YAML", help="a recipe file of settings")
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="any setting by dotted name, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run --name")
+    p.add_argument("--quiet", action="store_true", help="print only errors and the summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnkit", description="Train, evaluate and use image classifiers."
+    )
+    from cnnkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+
+    p = sub.add_parser("evaluate", help="metrics of a run on its test or validation split")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--weights", default="best", choices=["best", "last"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("predict", help="classify image files with a trained run")
+    p.add_argument("run", help="run directory (or a checkpoint .pt)")
+    p.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--weights", default="best", choices=["best", "last"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    p = sub.add_parser("datasets", help="built-in data sets and where they are")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "info"])
+    p.add_argument("name", nargs="?", help="data set name (for info)")
+    p.add_argument("--data-dir", help="directory searched first")
+
+    p = sub.add_parser("models", help="models you can train, with parameter counts")
+    p.add_argument("--spec-help", action="store_true", help="explain the layer-spec grammar")
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    import cnnkit
+    from cnnkit.config import Config, apply_overrides, load_config
+    from cnnkit.train.loop import TrainingInterrupted
+
+    settings = {k: v for k, v in vars(args).items() if "." in k}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        settings[key.strip()] = value.strip()
+    try:
+        if args.resume:
+            if args.config:
+                raise ValueError("--config cannot be combined with --resume")
+            run = cnnkit.resume(args.resume, quiet=args.quiet, **settings)
+        else:
+            recipe = load_config(args.config) if args.config else {}
+            cfg = apply_overrides(apply_overrides(Config(), recipe), settings)
+            run = cnnkit.train(cfg, overwrite=args.overwrite, quiet=args.quiet)
+    except TrainingInterrupted as e:
+        run_dir = e.checkpoint.parent
+        print(
+            f"\nInterrupted at epoch {e.epoch + 1}, step {e.step}/{e.steps}. "
+            f"Saved {e.checkpoint}.\nResume with: cnnkit train --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    if args.quiet:  # scripts still learn where the run is and how it ended
+        last = run.history[-1]
+        val = f"val acc {last['val_acc']:.4f}" if last["val_acc"] is not None else "no val"
+        print(f"{run.path}: {len(run.history)} epochs, {val}")
+    return 0
+
+
+def _table(title: str | None, *columns: str, text_columns: int = 1):
+    """A rich table whose first ``text_columns`` columns are left-aligned, the rest numbers."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i < text_columns else "right")
+    return t
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def cmd_evaluate(args) -> int:
+    import cnnkit
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    report = run.evaluate(split=args.split)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    con = _console()
+    epoch = run.checkpoint_info["epoch"]
+    con.print(
+        f"[bold]{run.path}[/]: {run.config.model.name} on {run.config.data.name}, "
+        f"{args.weights}.pt (epoch {epoch}), {report.split} split, "
+        f"{report.num_images:,} images"
+    )
+    topk = "  ".join(f"top-{k} {v:.2%}" for k, v in report.top_k.items() if k > 1)
+    con.print(f"accuracy [bold]{report.accuracy:.2%}[/]  {topk}  loss {report.loss:.4f}")
+    t = _table(None, "class", "precision", "recall", "f1", "support")
+    pc = report.per_class
+    for i, name in enumerate(report.classes):
+        t.add_row(
+            name,
+            f"{pc['precision'][i]:.4f}",
+            f"{pc['recall'][i]:.4f}",
+            f"{pc['f1'][i]:.4f}",
+            f"{pc['support'][i]:,}",
+        )
+    t.add_section()
+    for label, avg in (("macro avg", report.macro), ("weighted avg", report.weighted)):
+        t.add_row(
+            label,
+            f"{avg['precision']:.4f}",
+            f"{avg['recall']:.4f}",
+            f"{avg['f1']:.4f}",
+            f"{report.num_images:,}",
+        )
+    con.print(t)
+    if len(report.classes) <= 20:
+        cm = _table(
+            "confusion matrix (rows: true class, columns: predicted)",
+            "true \\ pred",
+            *report.classes,
+        )
+        for name, row in zip(report.classes, report.confusion_matrix, strict=True):
+            cm.add_row(name, *(str(v) for v in row))
+        con.print(cm)
+    con.print(
+        f"saved {run.path / f'eval-{report.split}.json'}, "
+        f"{run.path / 'confusion_matrix.png'}, {run.path / 'curves.png'}"
+    )
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import cnnkit
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    results = run.predict(args.files, top_k=args.top_k)
+    failed = [r for r in results if r.error]
+    if args.json:
+        print(
+            json.dumps(
+                {"run": str(run.path), "predictions": [r.to_dict() for r in results]}, indent=2
+            )
+        )
+    else:
+        for r in results:
+            if r.error:
+                print(f"error: {r.error}", file=sys.stderr)
+            else:
+                top = ", ".join(f"{c} {p:.1%}" for c, p in r.top)
+                print(f"{r.source}: {r.label}  ({top})")
+    return 1 if failed else 0
+
+
+def cmd_datasets(args) -> int:
+    from cnnkit.data import BUILTINS, builtin, is_available, load_dataset
+
+    con = _console()
+    if args.action == "list":
+        t = _table("built-in data sets", "name", "what", "image", "local copy", text_columns=4)
+        for spec in BUILTINS.values():
+            where = is_available(spec, args.data_dir)
+            t.add_row(
+                spec.name,
+                spec.title,
+                "x".join(map(str, spec.shape)),
+                str(where) if where else f"no (downloads from {spec.mirrors[0]})",
+            )
+        con.print(t)
+        con.print(
+            "Search order: --data-dir, $CNNKIT_DATA, /usr/share/datasets, "
+            "~/.cache/cnnkit/datasets, then download (unless CNNKIT_OFFLINE=1)."
+        )
+        return 0
+    if not args.name:
+        raise ValueError("usage: cnnkit datasets info NAME")
+    spec = builtin(args.name)
+    data = load_dataset(spec.name, data_dir=args.data_dir, val_split=0)
+    con.print(f"[bold]{spec.name}[/]: {spec.title}")
+    con.print(
+        f"images {'x'.join(map(str, data.shape))} uint8; train {len(data.train):,}, "
+        f"test {len(data.test):,}; mean {data.mean}, std {data.std} (training set)"
+    )
+    t = _table(None, "class", "index", "train", "test")
+    import torch
+
+    train_counts = torch.bincount(data.train.labels, minlength=len(data.classes)).tolist()
+    test_counts = torch.bincount(data.test.labels, minlength=len(data.classes)).tolist()
+    for i, name in enumerate(data.classes):
+        t.add_row(name, str(i), f"{train_counts[i]:,}", f"{test_counts[i]:,}")
+    con.print(t)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from cnnkit.models import SPEC_HELP, create_model, list_models
+
+    con = _console()
+    if args.spec_help:
+        print(SPEC_HELP)
+        return 0
+    t = _table(
+        "models (parameter counts for 10 classes)",
+        "name",
+        "description",
+        "1x28x28",
+        "3x32x32",
+        text_columns=2,
+    )
+    for entry in list_models():
+        counts = []
+        for c, s in ((1, 28), (3, 32)):
+            m = create_model(entry.name, 10, c, (s, s))
+            counts.append(f"{sum(p.numel() for p in m.parameters()):,}")
+        t.add_row(entry.name, entry.description, *counts)
+    con.print(t)
+    con.print(
+        "Also: timm:<arch> (any timm architecture, random init), or a layer spec such "
+        "as conv32-pool-conv64-pool-drop0.25-fc64 (cnnkit models --spec-help)."
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "datasets": cmd_datasets,
+    "models": cmd_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\naborted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Data sets: locate, verify, load into memory, split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .augment import PRESETS as AUGMENT_PRESETS
+from .augment import get_augment
+from .builtin import (
+    BUILTINS,
+    ChecksumError,
+    DatasetNotFoundError,
+    builtin,
+    is_available,
+    load_builtin,
+    read_cifar,
+    read_idx,
+)
+from .memory import DataSplits, ImageTensors, Normalizer, channel_stats, stratified_split
+
+__all__ = [
+    "AUGMENT_PRESETS",
+    "BUILTINS",
+    "ChecksumError",
+    "DataSplits",
+    "DatasetNotFoundError",
+    "ImageTensors",
+    "Normalizer",
+    "builtin",
+    "channel_stats",
+    "get_augment",
+    "is_available",
+    "load_dataset",
+    "read_cifar",
+    "read_idx",
+    "stratified_split",
+]
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    val_split: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+) -> DataSplits:
+    """Load a built-in data set into memory with a stratified, seeded validation split.
+
+    The validation images come out of the official training set; the official test set is
+    kept whole and is never used for model selection. ``limit`` keeps a stratified subset of
+    at most that many training images (for quick experiments).
+    """
+    if Path(name).exists() and name not in BUILTINS:
+        raise ValueError(
+            f"'{name}' is a path; folder data sets are not supported yet. "
+            f"Built-in data sets: {', '.join(BUILTINS)}"
+        )
+    raw = load_builtin(name, data_dir)
+    spec = builtin(name)
+    train = ImageTensors(
+        torch.from_numpy(raw.train_images.copy()), torch.from_numpy(raw.train_labels.copy())
+    )
+    test = ImageTensors(
+        torch.from_numpy(raw.test_images.copy()), torch.from_numpy(raw.test_labels.copy())
+    )
+    notes = []
+    val = None
+    if val_split > 0:
+        keep, take = stratified_split(train.labels, val_split, seed)
+        train, val = train.subset(keep), train.subset(take)
+    if limit is not None and limit < len(train):
+        keep, _ = stratified_split(train.labels, 1 - limit / len(train), seed)
+        train = train.subset(keep)
+        notes.append(f"training on a stratified subset of {len(train):,} images (limit={limit})")
+    mean, std = channel_stats(train.images)
+    return DataSplits(spec.name, raw.classes, train, val, test, mean, std, notes)

@@ -1,0 +1,86 @@
+"""Augmentation presets as whole-batch tensor operations on the training device.
+
+Each preset takes a float batch in [0, 1] (N, C, H, W) and a torch.Generator on the same
+device, and draws one set of random parameters per image in a single call: no per-sample
+Python. Out-of-image pixels are filled with 0 (black), which is the background of MNIST
+and the padding the CIFAR recipes use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) * (high - low) + low
+
+
+def random_affine(
+    x: torch.Tensor,
+    g: torch.Generator,
+    degrees: float = 10.0,
+    zoom: float = 0.1,
+    shift: float = 0.1,
+) -> torch.Tensor:
+    """Rotate by up to +-degrees, zoom by 1 +- zoom, shift by up to +-shift of the size.
+
+    The Keras tutorial's ImageDataGenerator(rotation_range=10, zoom_range=0.1,
+    width_shift_range=0.1, height_shift_range=0.1), as one affine_grid + grid_sample.
+    """
+    n, dev = x.shape[0], x.device
+    angle = _uniform(n, -degrees, degrees, g, dev) * (math.pi / 180)
+    scale = _uniform(n, 1 - zoom, 1 + zoom, g, dev)
+    # affine_grid's coordinates span [-1, 1], so a shift of f of the width is 2f.
+    tx = _uniform(n, -2 * shift, 2 * shift, g, dev)
+    ty = _uniform(n, -2 * shift, 2 * shift, g, dev)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_crop(x: torch.Tensor, g: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop back to the original size at a random offset."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=g, device=x.device)
+    rows = (dy + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, x.shape[1], h, w)
+    cols = (dx + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    # Two gathers: pick the rows of each image, then the columns of those rows.
+    picked = padded.gather(2, rows[..., :1].expand(n, x.shape[1], h, w + 2 * padding))
+    return picked.gather(3, cols)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Mirror half of the images left-right."""
+    flip = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def _crop_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return random_flip(random_crop(x, g), g)
+
+
+PRESETS: dict[str, tuple[Augment | None, str]] = {
+    "none": (None, "no augmentation"),
+    "affine": (random_affine, "rotation 10 deg, zoom 0.1, shift 0.1 (the Keras tutorial's)"),
+    "crop-flip": (_crop_flip, "random crop with 4 px padding + horizontal flip (CIFAR)"),
+    "flip": (random_flip, "horizontal flip"),
+}
+
+
+def get_augment(name: str) -> Augment | None:
+    """The augmentation function of a preset name (None for 'none')."""
+    if name not in PRESETS:
+        raise ValueError(
+            f"unknown augmentation '{name}'; choose one of: "
+            + ", ".join(f"{k} ({v[1]})" for k, v in PRESETS.items())
+        )
+    return PRESETS[name][0]

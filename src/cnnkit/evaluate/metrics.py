@@ -1,0 +1,118 @@
+"""Classification metrics, all derived from one confusion matrix (plus top-k from logits).
+
+Conventions (as scikit-learn's with zero_division=0): a class never predicted has
+precision 0, a class absent from the labels has recall 0; macro averages weigh classes
+equally, weighted averages by their support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class ConfusionMatrix:
+    """Counts[true, predicted], accumulated on the device with one bincount per update."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        self.num_classes = num_classes
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, predicted: torch.Tensor, target: torch.Tensor) -> ConfusionMatrix:
+        k = self.num_classes
+        flat = target.to(self.counts.device) * k + predicted.to(self.counts.device)
+        self.counts += torch.bincount(flat, minlength=k * k).view(k, k)
+        return self
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def accuracy(self) -> float:
+        return float(self.counts.diag().sum()) / max(self.total, 1)
+
+    def per_class(self) -> dict[str, list[float]]:
+        c = self.counts.double()
+        tp = c.diag()
+        predicted, support = c.sum(0), c.sum(1)
+        precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
+        recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
+        denom = precision + recall
+        f1 = torch.where(
+            denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp)
+        )
+        return {
+            "precision": precision.tolist(),
+            "recall": recall.tolist(),
+            "f1": f1.tolist(),
+            "support": [int(s) for s in support.tolist()],
+        }
+
+
+def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    k = min(k, logits.shape[1])
+    hits = (logits.topk(k, dim=1).indices == target[:, None]).any(1)
+    return float(hits.float().mean())
+
+
+@dataclass
+class ClassificationReport:
+    split: str
+    classes: list[str]
+    num_images: int
+    loss: float
+    accuracy: float
+    top_k: dict[int, float]
+    per_class: dict[str, list[float]]
+    macro: dict[str, float]
+    weighted: dict[str, float]
+    confusion_matrix: list[list[int]]
+
+    def to_dict(self) -> dict:
+        return {
+            "split": self.split,
+            "num_images": self.num_images,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "top_k_accuracy": {str(k): v for k, v in self.top_k.items()},
+            "per_class": {
+                name: {m: self.per_class[m][i] for m in ("precision", "recall", "f1", "support")}
+                for i, name in enumerate(self.classes)
+            },
+            "macro_avg": self.macro,
+            "weighted_avg": self.weighted,
+            "classes": self.classes,
+            "confusion_matrix": self.confusion_matrix,
+        }
+
+
+def classification_report(
+    logits: torch.Tensor, target: torch.Tensor, classes: list[str], split: str
+) -> ClassificationReport:
+    """Every metric of a split from its logits and labels."""
+    cm = ConfusionMatrix(len(classes), logits.device).update(logits.argmax(1), target)
+    pc = cm.per_class()
+    support = torch.tensor(pc["support"], dtype=torch.float64)
+
+    def averages(weights: torch.Tensor) -> dict[str, float]:
+        w = weights / weights.sum().clamp_min(1e-12)
+        return {
+            m: float((torch.tensor(pc[m], dtype=torch.float64) * w).sum())
+            for m in ("precision", "recall", "f1")
+        }
+
+    ks = [k for k in (1, 3, 5) if k < len(classes) or k == 1]
+    return ClassificationReport(
+        split=split,
+        classes=list(classes),
+        num_images=len(target),
+        loss=float(F.cross_entropy(logits, target)),
+        accuracy=cm.accuracy(),
+        top_k={k: topk_accuracy(logits, target, k) for k in ks},
+        per_class=pc,
+        macro=averages(torch.ones_like(support)),
+        weighted=averages(support),
+        confusion_matrix=cm.counts.cpu().tolist(),
+    )

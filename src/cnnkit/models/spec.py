@@ -1,0 +1,159 @@
+"""Layer specs: design a convnet in one string, e.g. ``conv32-pool-conv64-pool-drop0.25-fc64``.
+
+Tokens are joined with '-' and applied in order; a final dense layer with one output per
+class is always appended (flattening first if needed).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+SPEC_HELP = """\
+Layer-spec tokens (joined with '-'):
+  conv<F>[x<K>][same]  convolution with F filters, KxK kernel (default 3), ReLU;
+                       'valid' padding unless 'same' is given    e.g. conv32, conv64x5same
+  bn                   batch normalisation of the previous layer's output
+  pool[<K>]            max pooling, window and stride K (default 2)
+  avgpool[<K>]         average pooling, window and stride K (default 2)
+  gap                  global average pooling (then flatten)
+  flatten              flatten explicitly (fc does it for you)
+  drop<P>              dropout with probability 0 <= P < 1           e.g. drop0.25
+  fc<N>                dense layer of N units, ReLU                 e.g. fc64"""
+
+_TOKENS = {
+    "conv": re.compile(r"conv(\d+)(?:x(\d+))?(same)?"),
+    "pool": re.compile(r"pool(\d+)?"),
+    "avgpool": re.compile(r"avgpool(\d+)?"),
+    "gap": re.compile(r"gap"),
+    "bn": re.compile(r"bn"),
+    "flatten": re.compile(r"flatten"),
+    "drop": re.compile(r"drop(\d*\.?\d+)"),
+    "fc": re.compile(r"fc(\d+)"),
+}
+
+
+class LayerSpecError(ValueError):
+    """A layer spec that cannot be built; the message points at the bad token."""
+
+
+def looks_like_spec(name: str) -> bool:
+    first = name.split("-", 1)[0]
+    return "-" in name or any(p.fullmatch(first) for p in _TOKENS.values())
+
+
+class SpecNet(nn.Module):
+    """A network built from a layer spec: ``features`` (convolutional) then ``head``."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Sequential, spec: str):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.spec = spec
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _error(spec: str, tokens: list[str], i: int, problem: str) -> LayerSpecError:
+    offset = sum(len(t) + 1 for t in tokens[:i])
+    pointer = " " * offset + "^" * max(1, len(tokens[i]))
+    return LayerSpecError(
+        f"layer spec '{spec}': token {i + 1} '{tokens[i]}' {problem}\n"
+        f"  {spec}\n  {pointer}\n{SPEC_HELP}"
+    )
+
+
+def build_spec_model(
+    spec: str,
+    num_classes: int,
+    in_chans: int,
+    input_size: tuple[int, int],
+    **kwargs,
+) -> SpecNet:
+    """Build a SpecNet, checking every token and the feature-map size as it goes."""
+    if kwargs:
+        raise TypeError(f"layer-spec models take no extra arguments, got {sorted(kwargs)}")
+    tokens = spec.split("-")
+    features: list[nn.Module] = []
+    head: list[nn.Module] = []
+    channels, (h, w) = in_chans, input_size
+    flat: int | None = None  # set once the tensor is flattened
+
+    for i, tok in enumerate(tokens):
+        kind, match = next(
+            ((k, m) for k, p in _TOKENS.items() if (m := p.fullmatch(tok))), (None, None)
+        )
+        if kind is None:
+            raise _error(spec, tokens, i, "is not a valid token.")
+        spatial_only = kind in ("conv", "pool", "avgpool", "gap")
+        if flat is not None and spatial_only:
+            raise _error(
+                spec,
+                tokens,
+                i,
+                "needs a feature map but the tensor is already flat "
+                "(after fc/gap/flatten); move it before them.",
+            )
+        layers = features if flat is None else head
+
+        if kind == "conv":
+            filters, k = int(match[1]), int(match[2] or 3)
+            if filters < 1 or k < 1:
+                raise _error(spec, tokens, i, "needs at least 1 filter and a kernel of 1 or more.")
+            pad = "same" if match[3] else 0
+            layers += [nn.Conv2d(channels, filters, k, padding=pad), nn.ReLU(inplace=True)]
+            channels = filters
+            if not match[3]:
+                h, w = h - k + 1, w - k + 1
+        elif kind in ("pool", "avgpool"):
+            k = int(match[1] or 2)
+            if k < 1:
+                raise _error(spec, tokens, i, "needs a window of 1 or more.")
+            layers.append(nn.MaxPool2d(k) if kind == "pool" else nn.AvgPool2d(k))
+            h, w = h // k, w // k
+        elif kind == "gap":
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            flat = channels
+        elif kind == "flatten":
+            if flat is None:
+                layers.append(nn.Flatten())
+                flat = channels * h * w
+        elif kind == "bn":
+            layers.append(nn.BatchNorm2d(channels) if flat is None else nn.BatchNorm1d(flat))
+        elif kind == "drop":
+            p = float(match[1])
+            if not 0 <= p < 1:
+                raise _error(spec, tokens, i, f"has dropout {p}; it must be in [0, 1).")
+            layers.append(nn.Dropout(p))
+        elif kind == "fc":
+            units = int(match[1])
+            if units < 1:
+                raise _error(spec, tokens, i, "needs at least 1 unit.")
+            if flat is None:
+                head.append(nn.Flatten())
+                flat = channels * h * w
+            head += [nn.Linear(flat, units), nn.ReLU(inplace=True)]
+            flat = units
+        if h < 1 or w < 1:
+            raise _error(
+                spec,
+                tokens,
+                i,
+                f"shrinks the {input_size[0]}x{input_size[1]} input to nothing ({h}x{w}); "
+                "remove a pooling layer, use 'same' padding or a larger image size.",
+            )
+
+    if flat is None:
+        head.append(nn.Flatten())
+        flat = channels * h * w
+    head.append(nn.Linear(flat, num_classes))
+    return SpecNet(nn.Sequential(*features), nn.Sequential(*head), spec)

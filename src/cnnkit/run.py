@@ -1,0 +1,188 @@
+"""A finished (or stopped) run: its model, config and history; evaluate and predict."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cnnkit.config import Config
+from cnnkit.data import load_dataset
+from cnnkit.data.decode import ImageReadError, to_input_tensor
+from cnnkit.data.memory import Normalizer
+from cnnkit.device import resolve_device, resolve_precision
+from cnnkit.evaluate.metrics import ClassificationReport, classification_report
+from cnnkit.inference import batched_logits
+from cnnkit.models import create_model
+from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.train.hooks import read_metrics
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one input, or the reason it could not be read."""
+
+    source: str
+    top: list[tuple[str, float]]  # (class name, probability), most likely first
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    def to_dict(self) -> dict:
+        d = {"source": self.source}
+        if self.error:
+            d["error"] = self.error
+        else:
+            d["label"] = self.label
+            d["top"] = [{"class": c, "probability": p} for c, p in self.top]
+        return d
+
+
+def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    spec = ckpt["model"]
+    model = create_model(
+        spec["name"], spec["num_classes"], spec["in_chans"], tuple(spec["input_size"])
+    )
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+class Run:
+    """A run directory with a loaded model. Make one with ``load_run(path)``."""
+
+    def __init__(self, path: Path, checkpoint: dict, device: torch.device):
+        self.path = path
+        self.checkpoint_info = {k: checkpoint.get(k) for k in ("epoch", "created", "versions")}
+        self.config = Config.from_dict(checkpoint["config"])
+        self.classes: list[str] = list(checkpoint["classes"])
+        self.preprocessing: dict = checkpoint["preprocessing"]
+        self.device = device
+        self.model = model_from_checkpoint(checkpoint).to(device)
+        self.normalizer = Normalizer(self.preprocessing["mean"], self.preprocessing["std"], device)
+
+    def __repr__(self) -> str:
+        return f"Run('{self.path}', model={self.config.model.name}, data={self.config.data.name})"
+
+    @property
+    def history(self) -> list[dict]:
+        """Per-epoch metrics as written to metrics.csv."""
+        return read_metrics(self.path / "metrics.csv")
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = resolve_precision(self.config.train.precision, self.device)
+        return batched_logits(
+            self.model,
+            images.to(self.device),
+            self.normalizer,
+            self.config.train.eval_batch_size,
+            dtype,
+        )
+
+    def evaluate(self, split: str = "test", save: bool = True) -> ClassificationReport:
+        """Accuracy, top-k, per-class P/R/F1 and the confusion matrix on a split.
+
+        The validation split is rebuilt exactly as training made it (same seed, same
+        fraction); ``save`` writes eval-<split>.json, confusion_matrix.png and curves.png.
+        """
+        if split not in ("test", "val", "train"):
+            raise ValueError(f"split must be test, val or train, got '{split}'")
+        d = self.config.data
+        data = load_dataset(
+            d.name,
+            data_dir=d.data_dir,
+            val_split=d.val_split,
+            seed=self.config.train.seed,
+            limit=d.limit,
+        )
+        part = data.split(split)
+        report = classification_report(
+            self._logits(part.images), part.labels.to(self.device), self.classes, split
+        )
+        if save:
+            self.save_report(report, data.name)
+        return report
+
+    def save_report(self, report: ClassificationReport, data_name: str) -> dict[str, Path]:
+        from cnnkit.evaluate.plots import plot_confusion_matrix, plot_curves
+
+        files = {"json": self.path / f"eval-{report.split}.json"}
+        payload = {
+            "run": str(self.path),
+            "data": data_name,
+            "model": self.config.model.name,
+            "weights_epoch": self.checkpoint_info["epoch"],
+            **report.to_dict(),
+        }
+        files["json"].write_text(json.dumps(payload, indent=2))
+        files["confusion_matrix"] = plot_confusion_matrix(
+            report.confusion_matrix,
+            report.classes,
+            f"{data_name} {report.split} split ({report.num_images:,} images), "
+            f"accuracy {report.accuracy:.2%}",
+            self.path / "confusion_matrix.png",
+        )
+        if self.history:
+            files["curves"] = plot_curves(
+                self.history,
+                f"{self.path.name}: {self.config.model.name} on {data_name}",
+                self.path / "curves.png",
+            )
+        return files
+
+    def predict(self, images, top_k: int = 5) -> list[Prediction]:
+        """Top-k predictions for paths, PIL images, arrays or tensors (one or a list).
+
+        An input that cannot be read gets a Prediction with ``error`` set; the rest are
+        still predicted.
+        """
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        channels = self.preprocessing["channels"]
+        size = tuple(self.preprocessing["size"])
+        results: list[Prediction | None] = []
+        batch, positions = [], []
+        for i, image in enumerate(images):
+            source = str(image) if isinstance(image, (str, Path)) else f"<input {i}>"
+            try:
+                batch.append(to_input_tensor(image, channels, size))
+                positions.append(i)
+                results.append(Prediction(source, []))
+            except ImageReadError as e:
+                results.append(Prediction(source, [], error=str(e)))
+        if batch:
+            probs = self._logits(torch.stack(batch)).softmax(1).cpu()
+            k = min(top_k, len(self.classes))
+            values, indices = probs.topk(k, dim=1)
+            for row, i in enumerate(positions):
+                results[i].top = [
+                    (self.classes[j], float(p))
+                    for p, j in zip(values[row].tolist(), indices[row].tolist(), strict=True)
+                ]
+        return results
+
+
+def load_run(path: str | Path, weights: str = "best", device: str = "auto") -> Run:
+    """Load a run directory (or a checkpoint file) for evaluation and prediction.
+
+    ``weights`` is 'best' (chosen on the validation split) or 'last'.
+    """
+    path = Path(path)
+    if path.is_file():
+        ckpt_path, run_dir = path, path.parent
+    else:
+        if not path.is_dir():
+            raise FileNotFoundError(f"run not found: {path} (expected a run directory)")
+        if weights not in ("best", "last"):
+            raise ValueError(f"weights must be 'best' or 'last', got '{weights}'")
+        ckpt_path, run_dir = path / f"{weights}.pt", path
+        if not ckpt_path.exists() and weights == "best" and (path / "last.pt").exists():
+            ckpt_path = path / "last.pt"  # stopped before any epoch finished validation
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"{path} holds no {weights}.pt: is it a cnnkit run?")
+    dev = resolve_device(device)
+    return Run(run_dir, load_checkpoint(ckpt_path, map_location="cpu"), dev)

@@ -1,0 +1,62 @@
+import json
+
+import yaml
+
+from cnnkit.cli import main
+
+
+def test_train_evaluate_through_main(mnist_dir, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train: {epochs: 3, batch_size: 64}\noptim: {lr: 0.002}\n")
+    code = main(
+        [
+            "train",
+            "--config",
+            str(recipe),
+            "--epochs",
+            "1",
+            "--limit",
+            "600",
+            "--set",
+            "optim.weight_decay=0.0001",
+            "--runs-dir",
+            str(tmp_path),
+            "--name",
+            "cli",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "img/s" in out and str(tmp_path / "cli") in out
+    cfg = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
+    # defaults < recipe < flags
+    assert cfg["train"]["epochs"] == 1 and cfg["train"]["batch_size"] == 64
+    assert cfg["optim"]["lr"] == 0.002 and cfg["optim"]["weight_decay"] == 0.0001
+
+    assert main(["evaluate", str(tmp_path / "cli"), "--split", "val", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == "val" and 0 < report["accuracy"] <= 1
+    assert set(report["per_class"]["3"]) == {"precision", "recall", "f1", "support"}
+    assert json.loads((tmp_path / "cli" / "eval-val.json").read_text())["split"] == "val"
+
+
+def test_bad_input_is_one_clear_line(mnist_dir, tmp_path, capsys):
+    assert main(["train", "--model", "conv32-pool-conx64", "--runs-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: layer spec") and "conx64" in err
+    assert main(["evaluate", str(tmp_path / "nope")]) == 1
+    assert "run not found" in capsys.readouterr().err
+    assert main(["train", "--lr", "fast"]) == 1
+    assert "must be float, got 'fast'" in capsys.readouterr().err
+
+
+def test_datasets_and_models_listings(mnist_dir, capsys):
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist" in out and "cifar100" in out and str(mnist_dir) in out.replace("\n", "")
+    assert main(["datasets", "info", "mnist"]) == 0
+    out = capsys.readouterr().out
+    assert "5,923" in out and "1,135" in out  # digit 0 in train, digit 1 in test
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "seed-cnn" in out and "121,930" in out and "resnet20" in out

@@ -1,0 +1,37 @@
+import pytest
+
+from cnnkit.config import Config, apply_overrides, dump_config, load_config
+
+
+def test_recipe_then_flags_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim: {lr: 0.01, optimizer: sgd}\ntrain:\n  epochs: 3\nmodel: resnet20\n")
+    cfg = apply_overrides(Config(), load_config(recipe))
+    cfg = apply_overrides(cfg, {"lr": "0.05", "train.batch_size": "64", "data": "cifar10"})
+    assert cfg.optim.lr == 0.05 and cfg.optim.optimizer == "sgd"
+    assert cfg.train.epochs == 3 and cfg.train.batch_size == 64
+    assert cfg.model.name == "resnet20" and cfg.data.name == "cifar10"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = apply_overrides(Config(), {"patience": "3", "time_budget": "none", "compile": "true"})
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = Config.from_dict(__import__("yaml").safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg and again.train.patience == 3 and again.train.compile is True
+
+
+def test_bad_settings_get_clear_errors(tmp_path):
+    with pytest.raises(
+        KeyError, match="unknown setting 'learning_rate'; valid settings:.*optim.lr"
+    ):
+        apply_overrides(Config(), {"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="setting 'train.epochs' must be int, got 'five'"):
+        apply_overrides(Config(), {"epochs": "five"})
+    with pytest.raises(ValueError, match="optim.optimizer = 'rmsprop'; choose one of: adam"):
+        apply_overrides(Config(), {"optimizer": "rmsprop"})
+    with pytest.raises(ValueError, match=r"data.val_split = 1.5 must be in \[0, 1\)"):
+        apply_overrides(Config(), {"val_split": 1.5})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim: {lrr: 0.1}\n")
+    with pytest.raises(KeyError, match="r.yaml: unknown setting 'optim.lrr'"):
+        load_config(recipe)
