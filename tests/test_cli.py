@@ -50,10 +50,11 @@ def test_bad_input_is_one_clear_line(mnist_dir, tmp_path, capsys):
     assert "must be float, got 'fast'" in capsys.readouterr().err
 
 
-def test_datasets_and_models_listings(mnist_dir, capsys):
+def test_datasets_and_models_listings(mnist_dir, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # long paths on one line
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
-    assert "mnist" in out and "cifar100" in out and str(mnist_dir) in out.replace("\n", "")
+    assert "mnist" in out and "cifar100" in out and str(mnist_dir) in out
     assert main(["datasets", "info", "mnist"]) == 0
     out = capsys.readouterr().out
     assert "5,923" in out and "1,135" in out  # digit 0 in train, digit 1 in test

@@ -152,7 +152,8 @@ def _table(title: str | None, *columns: str, text_columns: int = 1):
 
     t = Table(title=title, title_justify="left", header_style="bold")
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i < text_columns else "right")
+        # fold, never elide: a path or class name cut to "..." is information lost
+        t.add_column(c, justify="left" if i < text_columns else "right", overflow="fold")
     return t
 
 
