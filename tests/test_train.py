@@ -132,6 +132,8 @@ def test_checkpoint_describes_itself(tiny_run):
     assert ckpt["preprocessing"]["mean"][0] == pytest.approx(0.1307, abs=0.01)
     assert ckpt["model"] == {
         "name": "seed-cnn",
+        "arch": None,
+        "head": None,
         "num_classes": 10,
         "in_chans": 1,
         "input_size": [28, 28],

@@ -12,7 +12,22 @@ SETTING_HELP = {
     "data.data_dir": "directory searched first for the data set's files",
     "data.val_split": "share of the training set held out for validation (default 0.1)",
     "data.limit": "train on a stratified subset of at most N images",
-    "data.augment": "augmentation preset: none, affine, crop-flip, flip",
+    "data.test_split": "share held out for testing when a folder has no test/ (default 0.1)",
+    "data.augment": "augmentation: auto (none for built-ins, photo for folders), none, affine, "
+    "crop-flip, flip, photo",
+    "data.image_size": "model input size for folder data sets (default: the backbone's, or 128)",
+    "model.pretrained": "start from ImageNet weights (timm's hub cache, or the offline "
+    "EfficientNet-Lite0 package)",
+    "model.weights": "a local state-dict file for the backbone",
+    "model.head": "extra head layers before the classifier, e.g. fc256-drop0.5",
+    "finetune.freeze": "keep the pretrained backbone frozen: train the head only",
+    "finetune.unfreeze": "fine-tuning unfreezes the last N blocks (default: all)",
+    "finetune.finetune_epochs": "epochs of the fine-tuning stage after the head stage (default 2)",
+    "finetune.finetune_lr": "fine-tuning learning rate (default: --lr / 10)",
+    "finetune.layer_decay": "learning-rate factor per block towards the input (default 0.7)",
+    "finetune.cache_features": "head stage on backbone features computed once (default true)",
+    "train.class_weights": "none or auto (loss weights inverse to class frequency)",
+    "train.sampler": "shuffle or balanced (every class drawn equally often)",
     "model.name": "model: a registered name (cnnkit models), timm:<arch>, or a layer spec "
     "such as conv32-pool-conv64-pool-drop0.25-fc64",
     "optim.optimizer": "adam, adamw or sgd (Nesterov momentum)",
@@ -45,7 +60,7 @@ def _flag(key: str) -> str:
 
 
 def _add_train(sub) -> None:
-    from cnnkit.config import all_keys
+    from cnnkit.config import Config, all_keys
 
     p = sub.add_parser(
         "train",
@@ -53,9 +68,11 @@ def _add_train(sub) -> None:
         description="Train a model; flags override --config, which overrides "
         "the defaults. Example: cnnkit train --data mnist --model seed-cnn",
     )
+    defaults = Config().to_dict()
     for key in all_keys():
         kwargs = {"dest": key, "default": argparse.SUPPRESS, "help": SETTING_HELP.get(key)}
-        if key == "train.compile":
+        section, name = key.split(".")
+        if defaults[section][name] is False:  # off by default: a plain switch turns it on
             kwargs.update(action="store_const", const="true")
         else:
             kwargs["metavar"] = key.split(".")[1].upper()

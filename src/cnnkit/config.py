@@ -18,16 +18,34 @@ import yaml
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "mnist"  # built-in data set: mnist, fashion-mnist, cifar10, cifar100
+    name: str = "mnist"  # built-in (mnist, fashion-mnist, cifar10, cifar100), folder or CSV
     data_dir: str | None = None  # searched before $CNNKIT_DATA and the cache
-    val_split: float = 0.1  # stratified, seeded share of the training set held out
+    val_split: float = 0.1  # stratified, seeded share held out for validation
+    test_split: float = 0.1  # share held out for testing (folders without a test/ split)
     limit: int | None = None  # train on a stratified subset of at most this many images
-    augment: str = "none"  # none | affine | crop-flip | flip (see cnnkit.data.augment)
+    augment: str = "auto"  # auto | none | affine | crop-flip | flip | photo (data.augment)
+    image_size: int | None = None  # folders: model input size (default: backbone's, or 128)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "seed-cnn"  # registered name, timm:<arch>, or a layer spec
+    name: str = "seed-cnn"  # registered name, timm architecture, timm:<arch>, or a layer spec
+    pretrained: bool = False  # ImageNet weights from the library's hub/cache (or a package)
+    weights: str | None = None  # a local state-dict file for the backbone
+    head: str | None = None  # extra head layers before the classifier, e.g. fc256-drop0.5
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Pretrained backbones: stage 1 trains the head on the frozen backbone for
+    train.epochs; stage 2 unfreezes and trains everything for finetune_epochs."""
+
+    freeze: bool = False  # keep the backbone frozen throughout (stage 1 only)
+    unfreeze: int | None = None  # stage 2 unfreezes the last N blocks (default: all)
+    finetune_epochs: int = 2
+    finetune_lr: float | None = None  # stage-2 learning rate (default: optim.lr / 10)
+    layer_decay: float = 0.7  # each earlier block learns at this times the next one's rate
+    cache_features: bool = True  # stage 1 without augmentation: backbone features once
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,8 @@ class TrainConfig:
     monitor: str = "val_acc"  # val_acc | val_loss: picks best.pt and drives early stopping
     time_budget: float | None = None  # seconds of training; stops cleanly when spent
     eval_batch_size: int = 1000
+    class_weights: str = "none"  # none | auto (loss weights inverse to class frequency)
+    sampler: str = "shuffle"  # shuffle | balanced (classes drawn equally often)
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
@@ -198,6 +219,8 @@ _CHOICES = {
     "optim.schedule": ("constant", "onecycle", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.monitor": ("val_acc", "val_loss"),
+    "train.class_weights": ("none", "auto"),
+    "train.sampler": ("shuffle", "balanced"),
 }
 
 
@@ -211,7 +234,20 @@ def validate(config: Config) -> None:
     checks = [
         ("data.val_split", 0 <= config.data.val_split < 1, "must be in [0, 1)"),
         ("data.limit", config.data.limit is None or config.data.limit > 0, "must be positive"),
+        ("data.test_split", 0 <= config.data.test_split < 1, "must be in [0, 1)"),
+        (
+            "data.image_size",
+            config.data.image_size is None or config.data.image_size >= 8,
+            "must be at least 8 pixels",
+        ),
         ("optim.lr", config.optim.lr > 0, "must be positive"),
+        ("finetune.finetune_epochs", config.finetune.finetune_epochs >= 0, "must be >= 0"),
+        (
+            "finetune.unfreeze",
+            config.finetune.unfreeze is None or config.finetune.unfreeze > 0,
+            "must be positive (blocks to unfreeze)",
+        ),
+        ("finetune.layer_decay", 0 < config.finetune.layer_decay <= 1, "must be in (0, 1]"),
         ("optim.weight_decay", config.optim.weight_decay >= 0, "must be >= 0"),
         ("optim.label_smoothing", 0 <= config.optim.label_smoothing < 1, "must be in [0, 1)"),
         ("optim.warmup_epochs", config.optim.warmup_epochs >= 0, "must be >= 0"),

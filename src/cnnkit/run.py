@@ -9,10 +9,14 @@ from pathlib import Path
 import torch
 
 from cnnkit.config import Config
-from cnnkit.data import load_dataset
 from cnnkit.data.decode import ImageReadError, to_input_tensor
 from cnnkit.data.memory import Normalizer
-from cnnkit.device import resolve_device, resolve_precision
+from cnnkit.device import (
+    inference_batch_size,
+    resolve_device,
+    resolve_precision,
+    use_channels_last,
+)
 from cnnkit.evaluate.metrics import ClassificationReport, classification_report
 from cnnkit.inference import batched_logits
 from cnnkit.models import create_model
@@ -46,7 +50,11 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     """Rebuild the model a checkpoint describes and load its weights."""
     spec = ckpt["model"]
     model = create_model(
-        spec["name"], spec["num_classes"], spec["in_chans"], tuple(spec["input_size"])
+        spec.get("arch") or spec["name"],
+        spec["num_classes"],
+        spec["in_chans"],
+        tuple(spec["input_size"]),
+        head=spec.get("head"),
     )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
@@ -63,7 +71,14 @@ class Run:
         self.preprocessing: dict = checkpoint["preprocessing"]
         self.device = device
         self.model = model_from_checkpoint(checkpoint).to(device)
-        self.normalizer = Normalizer(self.preprocessing["mean"], self.preprocessing["std"], device)
+        crop = (
+            tuple(self.preprocessing["size"])
+            if self.preprocessing.get("resize") == "shorter-side"
+            else None
+        )
+        self.normalizer = Normalizer(
+            self.preprocessing["mean"], self.preprocessing["std"], device, crop=crop
+        )
 
     def __repr__(self) -> str:
         return f"Run('{self.path}', model={self.config.model.name}, data={self.config.data.name})"
@@ -75,12 +90,14 @@ class Run:
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         dtype = resolve_precision(self.config.train.precision, self.device)
+        batch = inference_batch_size(
+            self.config.train.eval_batch_size, tuple(self.preprocessing["size"]), self.device
+        )
+        channels_last = use_channels_last(self.model, self.device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         return batched_logits(
-            self.model,
-            images.to(self.device),
-            self.normalizer,
-            self.config.train.eval_batch_size,
-            dtype,
+            self.model, images.to(self.device), self.normalizer, batch, dtype, channels_last
         )
 
     def evaluate(self, split: str = "test", save: bool = True) -> ClassificationReport:
@@ -91,13 +108,10 @@ class Run:
         """
         if split not in ("test", "val", "train"):
             raise ValueError(f"split must be test, val or train, got '{split}'")
-        d = self.config.data
-        data = load_dataset(
-            d.name,
-            data_dir=d.data_dir,
-            val_split=d.val_split,
-            seed=self.config.train.seed,
-            limit=d.limit,
+        from cnnkit.train.api import load_data
+
+        data = load_data(
+            self.config, None, split_file=self.path / "split.json", preprocessing=self.preprocessing
         )
         part = data.split(split)
         report = classification_report(
@@ -142,14 +156,12 @@ class Run:
         """
         if not isinstance(images, (list, tuple)):
             images = [images]
-        channels = self.preprocessing["channels"]
-        size = tuple(self.preprocessing["size"])
         results: list[Prediction | None] = []
         batch, positions = [], []
         for i, image in enumerate(images):
             source = str(image) if isinstance(image, (str, Path)) else f"<input {i}>"
             try:
-                batch.append(to_input_tensor(image, channels, size))
+                batch.append(to_input_tensor(image, self.preprocessing))
                 positions.append(i)
                 results.append(Prediction(source, []))
             except ImageReadError as e:

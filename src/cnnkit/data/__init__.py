@@ -18,6 +18,7 @@ from .builtin import (
     read_cifar,
     read_idx,
 )
+from .folder import list_images, load_folder
 from .memory import DataSplits, ImageTensors, Normalizer, channel_stats, stratified_split
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
     "channel_stats",
     "get_augment",
     "is_available",
+    "is_builtin",
+    "list_images",
+    "load_folder",
     "load_dataset",
     "read_cifar",
     "read_idx",
@@ -53,11 +57,13 @@ def load_dataset(
     kept whole and is never used for model selection. ``limit`` keeps a stratified subset of
     at most that many training images (for quick experiments).
     """
-    if Path(name).exists() and name not in BUILTINS:
-        raise ValueError(
-            f"'{name}' is a path; folder data sets are not supported yet. "
-            f"Built-in data sets: {', '.join(BUILTINS)}"
-        )
+    if name not in BUILTINS and not _is_builtin_alias(name):
+        if not Path(name).exists():
+            raise FileNotFoundError(
+                f"data set '{name}' is neither a built-in ({', '.join(BUILTINS)}) nor an "
+                "existing folder or CSV file"
+            )
+        raise ValueError(f"'{name}' is a folder or file: load it with load_folder()")
     raw = load_builtin(name, data_dir)
     spec = builtin(name)
     train = ImageTensors(
@@ -77,3 +83,16 @@ def load_dataset(
         notes.append(f"training on a stratified subset of {len(train):,} images (limit={limit})")
     mean, std = channel_stats(train.images)
     return DataSplits(spec.name, raw.classes, train, val, test, mean, std, notes)
+
+
+def _is_builtin_alias(name: str) -> bool:
+    try:
+        builtin(name)
+        return True
+    except KeyError:
+        return False
+
+
+def is_builtin(name: str) -> bool:
+    """True for built-in data set names (and their aliases), False for paths."""
+    return name in BUILTINS or _is_builtin_alias(name)

@@ -68,11 +68,66 @@ def _crop_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return random_flip(random_crop(x, g), g)
 
 
+def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The central (h, w) window of every image."""
+    h, w = size
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    g: torch.Generator,
+    size: tuple[int, int],
+    scale: tuple[float, float] = (0.25, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """A random window (area ``scale`` of the image, aspect ``ratio``) resized to ``size``.
+
+    The window is drawn per image and sampled with one affine_grid + grid_sample. The area
+    range starts at 0.25 rather than ImageNet's 0.08: fine-tuning on a few hundred photos
+    per class needs the object to stay in view.
+    """
+    n, dev = x.shape[0], x.device
+    area = _uniform(n, *scale, g, dev)
+    log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), g, dev)
+    aspect = torch.exp(log_ratio)
+    sx = torch.sqrt(area * aspect).clamp(max=1.0)  # window width as a share of the image
+    sy = torch.sqrt(area / aspect).clamp(max=1.0)
+    tx = (torch.rand(n, generator=g, device=dev) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(n, generator=g, device=dev) * 2 - 1) * (1 - sy)
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), [n, x.shape[1], *size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_jitter(x: torch.Tensor, g: torch.Generator, strength: float = 0.1) -> torch.Tensor:
+    """Random brightness, contrast and (colour images) saturation, each within +-strength."""
+    n, dev = x.shape[0], x.device
+    b = _uniform(n, 1 - strength, 1 + strength, g, dev).view(-1, 1, 1, 1)
+    c = _uniform(n, 1 - strength, 1 + strength, g, dev).view(-1, 1, 1, 1)
+    x = x * b
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * c + mean
+    if x.shape[1] == 3:
+        s = _uniform(n, 1 - strength, 1 + strength, g, dev).view(-1, 1, 1, 1)
+        grey = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).expand_as(x)
+        x = (x - grey) * s + grey
+    return x.clamp_(0, 1)
+
+
+def photo(x: torch.Tensor, g: torch.Generator, size: tuple[int, int]) -> torch.Tensor:
+    """Photos: random resized crop, horizontal flip, small colour jitter."""
+    return color_jitter(random_flip(random_resized_crop(x, g, size), g), g)
+
+
 PRESETS: dict[str, tuple[Augment | None, str]] = {
     "none": (None, "no augmentation"),
     "affine": (random_affine, "rotation 10 deg, zoom 0.1, shift 0.1 (the Keras tutorial's)"),
     "crop-flip": (_crop_flip, "random crop with 4 px padding + horizontal flip (CIFAR)"),
     "flip": (random_flip, "horizontal flip"),
+    "photo": (photo, "random resized crop, flip, colour jitter (photos)"),
 }
 
 
@@ -84,3 +139,20 @@ def get_augment(name: str) -> Augment | None:
             + ", ".join(f"{k} ({v[1]})" for k, v in PRESETS.items())
         )
     return PRESETS[name][0]
+
+
+def train_transform(name: str, stored: tuple[int, int], size: tuple[int, int]) -> Augment | None:
+    """What a training batch goes through: the preset, ending at the model's input size.
+
+    Images may be stored larger than the model input (photos are kept at size / crop_pct):
+    'photo' crops at random; the other presets work at the stored size and are followed by
+    the same centre crop evaluation uses.
+    """
+    fn = get_augment(name)
+    if name == "photo":
+        return lambda x, g: photo(x, g, size)
+    if tuple(stored) == tuple(size):
+        return fn
+    if fn is None:
+        return lambda x, g: center_crop(x, size)
+    return lambda x, g: center_crop(fn(x, g), size)

@@ -13,12 +13,18 @@ class ImageReadError(ValueError):
     """An image that cannot be read or converted; the message names the file and why."""
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, applying its EXIF orientation."""
+def open_image(path: str | Path, draft: int | None = None) -> Image.Image:
+    """Open and fully decode an image file, applying its EXIF orientation.
+
+    ``draft``: the smallest side needed; JPEGs much larger than that are decoded at a
+    reduced scale by libjpeg itself (several times faster, same result after resizing).
+    """
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.seek(0)  # first frame of animations
+            if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                im.draft(im.mode, (draft, draft))
             im.load()
             return ImageOps.exif_transpose(im)
     except FileNotFoundError:
@@ -78,12 +84,39 @@ def to_pil(image) -> Image.Image:
     raise ImageReadError(f"cannot read an image from a {type(image).__name__}")
 
 
-def to_input_tensor(image, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (C, H, W) at the model's channels and size (bilinear, antialiased)."""
-    im = to_mode(to_pil(image), channels)
-    height, width = size
-    if im.size != (width, height):
-        im = im.resize((width, height), Image.BILINEAR)
+def resize_and_crop(im: Image.Image, channels: int, size: int) -> Image.Image:
+    """Convert the mode, resize the shorter side to ``size`` and crop the centre square."""
+    im = to_mode(im, channels)
+    w, h = im.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    im = im.resize(new, Image.BICUBIC, reducing_gap=3.0)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def stored_size(preprocessing: dict) -> int:
+    """The side photos are decoded at: the input size over the crop share (224 / 0.875)."""
+    return round(preprocessing["size"][0] / preprocessing.get("crop_pct", 1.0))
+
+
+def to_input_tensor(image, preprocessing: dict) -> torch.Tensor:
+    """uint8 (C, H, W) prepared as the checkpoint's preprocessing says.
+
+    'stretch' (the built-in data sets): resize to the input size. 'shorter-side' (photos):
+    resize the shorter side to size / crop_pct, then take the centre crop.
+    """
+    channels = preprocessing["channels"]
+    height, width = preprocessing["size"]
+    im = to_pil(image)
+    if preprocessing.get("resize") == "shorter-side":
+        im = resize_and_crop(im, channels, stored_size(preprocessing))
+        left, top = (im.size[0] - width) // 2, (im.size[1] - height) // 2
+        im = im.crop((left, top, left + width, top + height))
+    else:
+        im = to_mode(im, channels)
+        if im.size != (width, height):
+            im = im.resize((width, height), Image.BILINEAR)
     a = np.asarray(im, dtype=np.uint8)
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(a.copy())

@@ -19,10 +19,12 @@ class ImageTensors:
     labels: torch.Tensor
 
     def __post_init__(self):
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+        is_images = self.images.dtype == torch.uint8 and self.images.ndim == 4
+        is_features = self.images.is_floating_point() and self.images.ndim == 2
+        if not (is_images or is_features):
             raise ValueError(
-                f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
-                f"{tuple(self.images.shape)}"
+                f"images must be uint8 (N, C, H, W) (or float features (N, D)), got "
+                f"{self.images.dtype} {tuple(self.images.shape)}"
             )
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
@@ -46,13 +48,25 @@ class DataSplits:
     train: ImageTensors
     val: ImageTensors | None
     test: ImageTensors | None
-    mean: tuple[float, ...]  # per channel, of the training split, in [0, 1] units
-    std: tuple[float, ...]
+    mean: tuple[float, ...]  # per channel, in [0, 1] units (of the training split, or the
+    std: tuple[float, ...]  # statistics a pretrained backbone was trained with)
     notes: list[str] = field(default_factory=list)
+    input_size: tuple[int, int] | None = None  # model input (H, W) if images are stored larger
+    files: dict[str, list[str]] | None = None  # folder data sets: each split's files, in order
+    root: str | None = None  # ... relative to this folder
+    is_features: bool = False  # images are backbone feature vectors (N, D)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])
+        """(C, H, W) of the model input; (D,) for feature vectors."""
+        if self.is_features:
+            return tuple(self.train.images.shape[1:])
+        c, h, w = self.train.images.shape[1:]
+        return (c, *self.input_size) if self.input_size else (c, h, w)
+
+    @property
+    def stored_size(self) -> tuple[int, int]:
+        return tuple(self.train.images.shape[2:])
 
     def split(self, name: str) -> ImageTensors:
         part = {"train": self.train, "val": self.val, "test": self.test}.get(name)
@@ -91,33 +105,53 @@ def stratified_split(
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units (chunked: low memory)."""
+    """Per-channel mean and std of uint8 images, in [0, 1] units.
+
+    Chunks of 256 images are reduced in float32 (torch sums pairwise, so the error stays
+    far below the 4 decimals kept) and accumulated in float64.
+    """
     c = images.shape[1]
     total = torch.zeros(c, dtype=torch.float64)
     total_sq = torch.zeros(c, dtype=torch.float64)
-    for chunk in images.split(4096):
-        x = chunk.to(torch.float64).transpose(0, 1).reshape(c, -1) / 255
-        total += x.sum(1)
-        total_sq += (x * x).sum(1)
+    for chunk in images.split(256):
+        x = chunk.float()
+        total += x.sum(dim=(0, 2, 3)).double()
+        total_sq += x.square().sum(dim=(0, 2, 3)).double()
     n = images.numel() // c
-    mean = total / n
-    std = (total_sq / n - mean * mean).clamp_min(1e-12).sqrt()
+    mean = total / n / 255
+    std = (total_sq / n / 255**2 - mean * mean).clamp_min(1e-12).sqrt()
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
 class Normalizer:
-    """uint8 batch -> float in [0, 1] -> (x - mean) / std, as two fused tensor ops."""
+    """uint8 batch -> float in [0, 1] -> (x - mean) / std, as two fused tensor ops.
 
-    def __init__(self, mean, std, device: torch.device):
+    ``crop``: evaluation takes the centre (H, W) of images stored larger. Feature vectors
+    (float, 2-D) pass through unchanged.
+    """
+
+    def __init__(self, mean, std, device: torch.device, crop: tuple[int, int] | None = None):
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.inv_std = 1 / torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.crop = tuple(crop) if crop else None
 
     @staticmethod
     def to_unit(batch: torch.Tensor) -> torch.Tensor:
+        if batch.is_floating_point():  # feature vectors: nothing to convert
+            return batch
         return batch.float().mul_(1 / 255)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:  # feature vectors
+            return x
         return x.sub_(self.mean).mul_(self.inv_std)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.to_unit(batch))
+        if batch.ndim == 2:  # feature vectors
+            return batch
+        x = self.to_unit(batch)
+        if self.crop and tuple(x.shape[-2:]) != self.crop:
+            from .augment import center_crop
+
+            x = center_crop(x, self.crop).contiguous()
+        return self.normalize(x)

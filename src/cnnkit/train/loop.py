@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.config import Config
-from cnnkit.data.augment import get_augment
+from cnnkit.data.augment import train_transform
 from cnnkit.data.memory import DataSplits, Normalizer
-from cnnkit.device import autocast, resolve_precision
+from cnnkit.device import autocast, inference_batch_size, resolve_precision, use_channels_last
 from cnnkit.inference import batched_logits
 from cnnkit.train.checkpoint import save_checkpoint
 from cnnkit.train.hooks import Hook
@@ -46,12 +46,26 @@ class TrainingInterrupted(Exception):
 
 
 @dataclass
+class Stage:
+    """One phase of a run. Training from scratch has one; fine-tuning a pretrained backbone
+    has two: the head on the frozen backbone, then (part of) the backbone too."""
+
+    name: str = "train"
+    epochs: int = 5
+    augment: str = "none"
+    lr: float = 1e-3
+    param_groups: list[dict] | None = None  # default: every trainable parameter at lr
+
+
+@dataclass
 class TrainState:
     """Where a run is. Saved in last.pt; enough to continue exactly."""
 
-    epoch: int = 0  # epochs completed
+    stage: str = "train"
+    epoch_offset: int = 0  # epochs of earlier stages
+    epoch: int = 0  # epochs completed in this stage
     step: int = 0  # next step inside the current epoch; > 0 only after an interruption
-    best: float | None = None  # best monitored value so far
+    best: float | None = None  # best monitored value so far (all stages)
     best_epoch: int | None = None
     epochs_without_improvement: int = 0
     elapsed: float = 0.0  # training seconds so far, for the time budget
@@ -121,6 +135,12 @@ def _improved(value: float, best: float | None, monitor: str) -> bool:
     return value < best if monitor.endswith("loss") else value > best
 
 
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Loss weights inverse to class frequency, 1 on average: n / (k * count)."""
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
+    return len(labels) / (num_classes * counts)
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
@@ -130,12 +150,23 @@ def fit(
     run_dir: Path,
     checkpoint_meta: dict,
     hooks: list[Hook] = (),
+    stage: Stage | None = None,
+    previous: TrainState | None = None,
     resume: dict | None = None,
+    checkpoint_model: nn.Module | None = None,
 ) -> TrainState:
-    """Train ``model`` on ``data`` as ``cfg`` says; write best.pt / last.pt into run_dir."""
+    """Train ``model`` on ``data`` for one stage; write best.pt / last.pt into run_dir.
+
+    ``previous``: the state at the end of an earlier stage (its history and best value
+    carry on). ``resume``: the training state of an interrupted run. ``checkpoint_model``:
+    what the checkpoints save, when ``model`` is a part of it (a head trained on cached
+    backbone features).
+    """
     tc, oc = cfg.train, cfg.optim
+    stage = stage or Stage(epochs=tc.epochs, augment=cfg.data.augment, lr=oc.lr)
+    saved_model = checkpoint_model or model
     dtype = resolve_precision(tc.precision, device)
-    channels_last = device.type == "cuda"  # faster convolutions on GPUs; not on this CPU
+    channels_last = use_channels_last(model, device) and not data.is_features
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -143,29 +174,45 @@ def fit(
 
     train = data.train.to(device)
     val = data.val.to(device) if data.val is not None and len(data.val) else None
-    normalizer = Normalizer(data.mean, data.std, device)
-    augment = get_augment(cfg.data.augment)
+    normalizer = Normalizer(data.mean, data.std, device, crop=data.input_size)
+    augment = None
+    if not data.is_features:
+        augment = train_transform(stage.augment, data.stored_size, data.shape[1:])
     batch_size, n = tc.batch_size, len(train)
     steps = math.ceil(n / batch_size)
-    optimizer = build_optimizer(model, oc)
-    schedule = build_schedule(optimizer, oc, tc.epochs, steps)
+    optimizer = build_optimizer(model, oc, lr=stage.lr, param_groups=stage.param_groups)
+    schedule = build_schedule(optimizer, oc, stage.epochs, steps)
     generator = torch.Generator(device=device)
     # Without a validation split, best.pt follows the training metrics (and says so).
     monitor = tc.monitor if val is not None else tc.monitor.replace("val_", "train_")
+    num_classes = len(data.classes)
+    loss_weights = None
+    if tc.class_weights == "auto":
+        loss_weights = class_weights(train.labels, num_classes)
+    sample_weights = None  # balanced sampling: each image drawn inversely to its class size
+    if tc.sampler == "balanced":
+        sample_weights = class_weights(train.labels, num_classes)[train.labels]
 
-    state = TrainState()
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         state = TrainState(**resume["state"])
         if state.sums is not None:
             state.perm, state.sums = state.perm.to(device), state.sums.to(device)
+    else:
+        state = TrainState(stage=stage.name)
+        if previous is not None:
+            state.history, state.elapsed = list(previous.history), previous.elapsed
+            state.best, state.best_epoch = previous.best, previous.best_epoch
+            state.epoch_offset = len(previous.history)
+    total_epochs = state.epoch_offset + stage.epochs
+    label = "" if stage.name == "train" else f"{stage.name} "
 
     def checkpoint(path: Path, with_training_state: bool) -> None:
         payload = {
             **checkpoint_meta,
-            "state_dict": model.state_dict(),
-            "epoch": state.epoch,
+            "state_dict": saved_model.state_dict(),
+            "epoch": state.epoch_offset + state.epoch,
             "metrics": state.history[-1] if state.history else None,
         }
         if with_training_state:
@@ -177,22 +224,30 @@ def fit(
         save_checkpoint(path, payload)
 
     for h in hooks:
-        h.on_train_start({"epochs": tc.epochs, "steps": steps, "monitor": monitor})
+        h.on_train_start(
+            {"epochs": total_epochs, "steps": steps, "monitor": monitor, "stage": stage.name}
+        )
     budget_start = time.perf_counter() - state.elapsed
     stopper = _StopOnSigint(list(hooks))
 
     with stopper.installed():
-        while state.epoch < tc.epochs and state.stop_reason is None:
+        while state.epoch < stage.epochs and state.stop_reason is None:
             epoch = state.epoch
+            number = state.epoch_offset + epoch  # 0-based, counted across stages
             if state.step == 0:
-                _seed_epoch(tc.seed, epoch, generator)
-                perm = torch.randperm(n, generator=generator, device=device)
+                _seed_epoch(tc.seed, number, generator)
+                if sample_weights is None:
+                    perm = torch.randperm(n, generator=generator, device=device)
+                else:
+                    perm = torch.multinomial(
+                        sample_weights, n, replacement=True, generator=generator
+                    )
                 sums = torch.zeros(3, device=device)  # loss sum, correct, count
             else:  # continue an interrupted epoch exactly where it stopped
                 perm, sums = state.perm, state.sums
                 _set_rng_state(state.rng, generator, device)
             for h in hooks:
-                h.on_epoch_start(epoch, tc.epochs, steps, state.step)
+                h.on_epoch_start(number, total_epochs, steps, state.step)
 
             model.train()
             t0 = time.perf_counter()
@@ -207,7 +262,7 @@ def fit(
                     checkpoint(run_dir / "last.pt", with_training_state=True)
                     for h in hooks:
                         h.on_train_end({"stopped": "interrupted"})
-                    raise TrainingInterrupted(run_dir / "last.pt", epoch, step, steps)
+                    raise TrainingInterrupted(run_dir / "last.pt", number, step, steps)
 
                 index = perm[step * batch_size : (step + 1) * batch_size]
                 x, y = normalizer.to_unit(train.images[index]), train.labels[index]
@@ -218,7 +273,9 @@ def fit(
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, dtype):
                     logits = forward(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=oc.label_smoothing)
+                    loss = F.cross_entropy(
+                        logits, y, weight=loss_weights, label_smoothing=oc.label_smoothing
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -239,7 +296,8 @@ def fit(
             seconds = state.epoch_seconds + time.perf_counter() - t0
             loss_sum, correct, count = sums.tolist()
             row = {
-                "epoch": epoch + 1,
+                "epoch": number + 1,
+                "stage": stage.name,
                 "train_loss": loss_sum / count,
                 "train_acc": correct / count,
                 "val_loss": None,
@@ -250,8 +308,11 @@ def fit(
                 "partial": partial,
             }
             if val is not None:
+                eval_batch = tc.eval_batch_size
+                if not data.is_features:
+                    eval_batch = inference_batch_size(eval_batch, data.shape[1:], device)
                 logits = batched_logits(
-                    forward, val.images, normalizer, tc.eval_batch_size, dtype, channels_last
+                    forward, val.images, normalizer, eval_batch, dtype, channels_last
                 )
                 row["val_loss"] = F.cross_entropy(logits, val.labels).item()
                 row["val_acc"] = (logits.argmax(1) == val.labels).float().mean().item()
@@ -267,11 +328,11 @@ def fit(
                 state.stop_reason = "diverged"
                 for h in hooks:
                     h.message(
-                        f"training loss is {row['train_loss']} at epoch {epoch + 1}: "
-                        "the run diverged; lower the learning rate (--lr)."
+                        f"training loss is {row['train_loss']} at {label}epoch "
+                        f"{number + 1}: the run diverged; lower the learning rate (--lr)."
                     )
             elif _improved(value, state.best, monitor):
-                state.best, state.best_epoch = value, epoch + 1
+                state.best, state.best_epoch = value, number + 1
                 state.epochs_without_improvement = 0
                 checkpoint(run_dir / "best.pt", with_training_state=False)
             else:
@@ -285,6 +346,11 @@ def fit(
     state.stop_reason = state.stop_reason or "completed"
     for h in hooks:
         h.on_train_end(
-            {"stopped": state.stop_reason, "best_epoch": state.best_epoch, monitor: state.best}
+            {
+                "stopped": state.stop_reason,
+                "stage": stage.name,
+                "best_epoch": state.best_epoch,
+                monitor: state.best,
+            }
         )
     return state

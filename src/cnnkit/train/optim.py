@@ -10,21 +10,34 @@ from torch import nn
 from cnnkit.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases and normalisation parameters (1-D tensors): decaying them
-    # only hurts, which is why timm and most recipes exclude them.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+def decay_groups(params: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
+    """Two groups at ``lr``: weights with decay; biases and norm parameters (1-D) without,
+    since decaying those only hurts (timm and most recipes exclude them too)."""
+    params = [p for p in params if p.requires_grad]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr},
     ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    cfg: OptimConfig,
+    lr: float | None = None,
+    param_groups: list[dict] | None = None,
+) -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters (or the given groups, each with its lr)."""
+    lr = cfg.lr if lr is None else lr
+    groups = param_groups or decay_groups(list(model.parameters()), lr, cfg.weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=lr)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=lr)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'; choose adam, adamw or sgd")
 
 

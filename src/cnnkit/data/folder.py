@@ -1,0 +1,407 @@
+"""Your own images: class folders, train/val/test trees and CSV lists, decoded once.
+
+Layouts ``--data PATH`` accepts:
+
+- a folder of class folders (``photos/cats/*.jpg``, ``photos/dogs/*.jpg``): cnnkit makes a
+  stratified, seeded train / validation / test split;
+- a folder with ``train/`` and ``val/`` (or ``validation/``), optionally ``test/``, each a
+  folder of class folders;
+- a CSV or TSV file of ``path,label`` rows (an optional header; an optional third column
+  ``split`` with train/val/test), paths relative to the file.
+
+Decoding JPEGs is the main cost on a CPU, so each image is decoded once, at the size
+training uses, into a uint8 array cached on disk (keyed by the files' content and the size)
+and loaded into memory when it fits, memory-mapped when it does not. Later epochs and later
+runs skip the decoding. A file that cannot be decoded is reported with the reason and left
+out; the count is part of the data set's summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .decode import ImageReadError, open_image, resize_and_crop
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+CACHE_VERSION = 1
+
+
+@dataclass
+class FileList:
+    """The labelled files of a folder or CSV data set, by split ('all' if not yet split)."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[tuple[Path, int]]]
+    ignored: list[tuple[Path, str]] = field(default_factory=list)  # (file, why not used)
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def _class_folders(root: Path, ignored: list) -> dict[str, list[Path]]:
+    """{class name: image files} for one folder of class folders."""
+    out: dict[str, list[Path]] = {}
+    for entry in sorted(root.iterdir()):
+        if _is_hidden(entry):
+            continue
+        if entry.is_file():
+            ignored.append((entry, "not inside a class folder"))
+            continue
+        files = []
+        for f in sorted(entry.rglob("*")):
+            if not f.is_file() or any(p.startswith(".") for p in f.relative_to(root).parts):
+                continue
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(f)
+            else:
+                ignored.append((f, f"not an image file extension ({f.suffix or 'none'})"))
+        out[entry.name] = files
+    return out
+
+
+def _read_csv(path: Path) -> FileList:
+    text = path.read_text(encoding="utf-8-sig")
+    dialect = (
+        "excel-tab" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n")[0] else "excel"
+    )
+    rows = [r for r in csv.reader(text.splitlines(), dialect) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise ValueError(f"{path}: empty list; expected rows of path,label")
+    header = [c.strip().lower() for c in rows[0]]
+    has_header = header[:2] in (
+        ["path", "label"],
+        ["file", "label"],
+        ["filename", "label"],
+        ["image", "label"],
+    )
+    body = rows[1:] if has_header else rows
+    split_col = header.index("split") if has_header and "split" in header else None
+    entries: list[tuple[Path, str, str]] = []
+    for n, r in enumerate(body, start=2 if has_header else 1):
+        if len(r) < 2:
+            raise ValueError(f"{path}, line {n}: expected path,label, got {r!r}")
+        split = "all"
+        if split_col is not None:
+            split = SPLIT_NAMES.get(r[split_col].strip().lower(), "")
+            if not split:
+                raise ValueError(
+                    f"{path}, line {n}: split must be train, val or test, got '{r[split_col]}'"
+                )
+        entries.append(((path.parent / r[0].strip()), r[1].strip(), split))
+    classes = sorted({label for _, label, _ in entries})
+    index = {c: i for i, c in enumerate(classes)}
+    splits: dict[str, list[tuple[Path, int]]] = {}
+    for p, label, split in entries:
+        splits.setdefault(split, []).append((p, index[label]))
+    return FileList(path.parent, classes, splits)
+
+
+def list_images(path: str | Path) -> FileList:
+    """Find the labelled images of a folder or CSV/TSV list (no decoding yet)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() not in (".csv", ".tsv", ".txt"):
+            raise ValueError(f"{path}: a data file must be a CSV or TSV list of path,label rows")
+        return _read_csv(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"data set not found: {path}")
+    subdirs = {d.name.lower(): d for d in path.iterdir() if d.is_dir() and not _is_hidden(d)}
+    ignored: list[tuple[Path, str]] = []
+    if "train" in subdirs:
+        split_dirs = {SPLIT_NAMES[name]: d for name, d in subdirs.items() if name in SPLIT_NAMES}
+        per_split = {s: _class_folders(d, ignored) for s, d in split_dirs.items()}
+    else:
+        per_split = {"all": _class_folders(path, ignored)}
+    classes = sorted({c for folders in per_split.values() for c in folders})
+    if len(classes) < 2:
+        raise ValueError(
+            f"{path}: found {len(classes)} class folder(s) {classes}; a classifier needs at "
+            "least two (one folder of images per class)"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {
+        s: [(f, index[c]) for c in sorted(folders) for f in folders[c]]
+        for s, folders in per_split.items()
+    }
+    return FileList(path, classes, splits, ignored)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_one(path: Path, channels: int, size: int) -> np.ndarray:
+    """One file -> uint8 (C, size, size); raises ImageReadError with the reason."""
+    im = resize_and_crop(open_image(path, draft=size), channels, size)
+    a = np.asarray(im, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+class _DecodeJob(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], channels: int, size: int):
+        self.paths, self.channels, self.size = paths, channels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, decode_one(self.paths[i], self.channels, self.size), ""
+        except ImageReadError as e:
+            return i, None, str(e)
+        except Exception as e:  # a decoder bug must not end the whole data set
+            return i, None, f"{self.paths[i]}: cannot decode image ({type(e).__name__}: {e})"
+
+
+def _collate(batch):
+    return batch
+
+
+def content_key(paths: list[Path], channels: int, size: int) -> str:
+    """A key for the decoded array: every file's bytes, their order, channels and size."""
+    h = hashlib.sha256(f"cnnkit-decoded/{CACHE_VERSION}/{channels}/{size}".encode())
+    for p in paths:
+        try:
+            h.update(hashlib.sha1(p.read_bytes()).digest())
+        except OSError:
+            h.update(b"unreadable:" + str(p).encode())
+    return h.hexdigest()[:32]
+
+
+def decoded_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cnnkit" / "decoded"
+
+
+@dataclass
+class DecodedImages:
+    images: np.ndarray  # uint8 (N, C, S, S) of the files that decoded
+    kept: list[int]  # their positions in the input list
+    errors: list[str]  # one line per file that did not decode
+    seconds: float  # decoding time (0 when loaded from the cache)
+    from_cache: bool
+
+
+def decode_images(
+    paths: list[Path],
+    channels: int,
+    size: int,
+    workers: int | None = None,
+    memory_budget: int | None = None,
+) -> DecodedImages:
+    """Decode every file once into a cached uint8 array (worker processes do the decoding)."""
+    key = content_key(paths, channels, size)
+    cache = decoded_cache_dir()
+    array_path, meta_path = cache / f"{key}.npy", cache / f"{key}.json"
+    budget = memory_budget if memory_budget is not None else _memory_budget()
+    if array_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return DecodedImages(_load(array_path, budget), meta["kept"], meta["errors"], 0.0, True)
+
+    cache.mkdir(parents=True, exist_ok=True)
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    n = len(paths)
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{key}.", suffix=".npy")
+    os.close(fd)
+    t0 = time.perf_counter()
+    try:
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(n, channels, size, size)
+        )
+        ok = np.zeros(n, dtype=bool)
+        errors: list[str] = []
+        loader = torch.utils.data.DataLoader(
+            _DecodeJob(paths, channels, size),
+            batch_size=16,
+            num_workers=workers,
+            collate_fn=_collate,
+            multiprocessing_context="fork" if workers else None,
+        )
+        for batch in loader:
+            for i, a, err in batch:
+                if a is None:
+                    errors.append(err)
+                else:
+                    out[i] = a
+                    ok[i] = True
+        seconds = time.perf_counter() - t0
+        kept = np.flatnonzero(ok).tolist()
+        if len(kept) < n:  # compact: keep only the images that decoded
+            compact = np.lib.format.open_memmap(
+                tmp + ".c", mode="w+", dtype=np.uint8, shape=(len(kept), channels, size, size)
+            )
+            for start in range(0, len(kept), 1024):
+                compact[start : start + 1024] = out[kept[start : start + 1024]]
+            compact.flush()
+            del out, compact
+            os.replace(tmp + ".c", tmp)
+        else:
+            out.flush()
+            del out
+        os.replace(tmp, array_path)
+        meta_path.write_text(
+            json.dumps({"kept": kept, "errors": errors, "size": size, "channels": channels})
+        )
+    finally:
+        for leftover in (tmp, tmp + ".c"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return DecodedImages(_load(array_path, budget), kept, errors, seconds, False)
+
+
+def _memory_budget() -> int:
+    """Bytes of decoded images to hold in memory: a third of the machine's RAM."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def _load(path: Path, budget: int) -> np.ndarray:
+    # Copy-on-write memory map: no copy until written, which nothing does.
+    a = np.load(path, mmap_mode="c")
+    return np.ascontiguousarray(a) if a.nbytes <= budget else a
+
+
+# ---------------------------------------------------------------- splitting and loading
+
+
+def _split_indices(labels: torch.Tensor, val_split: float, test_split: float, seed: int):
+    """Stratified train / val / test indices of one pool of files."""
+    from .memory import stratified_split
+
+    rest, test = stratified_split(labels, test_split, seed)
+    val_share = val_split / (1 - test_split) if test_split < 1 else 0.0
+    train_in_rest, val_in_rest = stratified_split(labels[rest], val_share, seed + 1)
+    return rest[train_in_rest], rest[val_in_rest], test
+
+
+def plan_splits(
+    listing: FileList, val_split: float, test_split: float, seed: int, notes: list[str]
+) -> dict[str, list[tuple[Path, int]]]:
+    """The files of each split: made from one pool, or as the folder/CSV defines them."""
+    splits = dict(listing.splits)
+    if "all" in splits:
+        if len(splits) > 1:
+            raise ValueError(f"{listing.root}: some rows name a split and some do not")
+        pool = splits.pop("all")
+        labels = torch.tensor([label for _, label in pool])
+        parts = _split_indices(labels, val_split, test_split, seed)
+        for name, idx in zip(("train", "val", "test"), parts, strict=True):
+            if len(idx):
+                splits[name] = [pool[i] for i in idx.tolist()]
+        notes.append(
+            f"split made here: stratified, seed {seed}, val {val_split:.0%}, test {test_split:.0%}"
+        )
+    elif "val" not in splits and "train" in splits and val_split > 0:
+        from .memory import stratified_split
+
+        train = splits["train"]
+        keep, take = stratified_split(torch.tensor([lb for _, lb in train]), val_split, seed)
+        splits["train"] = [train[i] for i in keep.tolist()]
+        splits["val"] = [train[i] for i in take.tolist()]
+        notes.append(f"no val/ split: {val_split:.0%} of train/ held out (stratified)")
+    if "train" not in splits:
+        raise ValueError(f"{listing.root}: no training images found")
+    return splits
+
+
+def load_folder(
+    path: str | Path,
+    *,
+    image_size: int,
+    crop_pct: float = 1.0,
+    val_split: float = 0.1,
+    test_split: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+    split_file: str | Path | None = None,
+    channels: int = 3,
+):
+    """Load a folder or CSV data set into memory (see the module docstring).
+
+    ``split_file``: a run's split.json, to get exactly the files that run used.
+    """
+    from .memory import DataSplits, ImageTensors, channel_stats, stratified_split
+
+    notes: list[str] = []
+    if split_file is not None:
+        saved = json.loads(Path(split_file).read_text())
+        root, classes = Path(saved["root"]), saved["classes"]
+        splits = {
+            s: [(root / rel, label) for rel, label in saved[s]]
+            for s in ("train", "val", "test")
+            if saved.get(s)
+        }
+    else:
+        listing = list_images(path)
+        root, classes = listing.root, listing.classes
+        splits = plan_splits(listing, val_split, test_split, seed, notes)
+        if listing.ignored:
+            examples = ", ".join(f"{p.name} ({why})" for p, why in listing.ignored[:3])
+            notes.append(f"ignored {len(listing.ignored)} file(s) that are not images: {examples}")
+
+    order = [s for s in ("train", "val", "test") if s in splits]
+    all_files = [f for s in order for f in splits[s]]
+    stored = round(image_size / crop_pct)
+    decoded = decode_images([p for p, _ in all_files], channels, stored)
+    n = len(all_files)
+    if decoded.from_cache:
+        notes.append(f"{n - len(decoded.errors):,} decoded images loaded from the cache")
+    else:
+        notes.append(
+            f"decoded {n:,} files at {stored}x{stored} in {decoded.seconds:.1f}s "
+            f"({n / max(decoded.seconds, 1e-9):,.0f} images/s); cached for later runs"
+        )
+    if decoded.errors:
+        notes.append(f"skipped {len(decoded.errors)} file(s) that could not be decoded:")
+        notes += [f"  {e}" for e in decoded.errors]
+
+    position = {i: row for row, i in enumerate(decoded.kept)}
+    images = torch.from_numpy(decoded.images)
+    parts, files = {}, {}
+    start = 0
+    for s in order:
+        idx = [position[i] for i in range(start, start + len(splits[s])) if i in position]
+        kept_files = [all_files[i] for i in range(start, start + len(splits[s])) if i in position]
+        start += len(splits[s])
+        index = torch.tensor(idx, dtype=torch.long)
+        parts[s] = ImageTensors(
+            images[index] if len(idx) else images[:0],
+            torch.tensor([lb for _, lb in kept_files], dtype=torch.long),
+        )
+        files[s] = [
+            [str(p.relative_to(root)) if p.is_relative_to(root) else str(p), lb]
+            for p, lb in kept_files
+        ]
+    if limit is not None and limit < len(parts["train"]):
+        keep, _ = stratified_split(parts["train"].labels, 1 - limit / len(parts["train"]), seed)
+        parts["train"] = parts["train"].subset(keep)
+        files["train"] = [files["train"][i] for i in keep.tolist()]
+        notes.append(f"training on a stratified subset of {len(keep):,} images (limit={limit})")
+    mean, std = channel_stats(parts["train"].images)
+    return DataSplits(
+        name=Path(path).name if path else root.name,
+        classes=list(classes),
+        train=parts["train"],
+        val=parts.get("val"),
+        test=parts.get("test"),
+        mean=mean,
+        std=std,
+        notes=notes,
+        input_size=(image_size, image_size),
+        files=files,
+        root=str(root),
+    )
