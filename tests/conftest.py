@@ -45,3 +45,41 @@ def tiny_run(tmp_path_factory):
     return cnnkit.train(
         data="mnist", model="seed-cnn", epochs=1, limit=2000, runs_dir=str(runs), quiet=True
     )
+
+
+@pytest.fixture
+def cats_dogs_dir() -> Path:
+    """The 2,000-photo cats-vs-dogs set (train/ and validation/ class folders)."""
+    for root in os.environ.get("CNNKIT_DATA", "").split(os.pathsep):
+        path = Path(root) / "cats_vs_dogs"
+        if root and (path / "train").is_dir():
+            return path
+    message = "cats_vs_dogs not found in CNNKIT_DATA"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def make_photos(root: Path, per_class: int = 12, size=(40, 30)) -> Path:
+    """Class folders of small synthetic photos whose colour tells the class.
+
+    Each image is its class colour plus its own noise texture (seeded by its path), so no
+    two are duplicates, even to a perceptual hash.
+    """
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    colours = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
+    for name, rgb in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            ext = "png" if i % 3 == 0 else "jpg"
+            path = root / name / f"{name}{i}.{ext}"
+            rng = np.random.default_rng(zlib.crc32(str(path).encode()))
+            w, h = size[0] + i, size[1] + i % 5
+            noise = rng.integers(-40, 40, (h // 4 + 1, w // 4 + 1, 1)).repeat(4, 0).repeat(4, 1)
+            a = np.clip(np.array(rgb) + noise[:h, :w], 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(path)
+    return root

@@ -115,10 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
-    p = sub.add_parser("datasets", help="built-in data sets and where they are")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "info"])
-    p.add_argument("name", nargs="?", help="data set name (for info)")
+    p = sub.add_parser(
+        "datasets",
+        help="built-in data sets; check a folder of your own",
+        description="list: the built-in data sets and where they are found. "
+        "info NAME: shapes, classes, counts. check PATH: the data-set doctor "
+        "(unreadable files, imbalance, duplicates across splits, ...).",
+    )
+    p.add_argument("action", nargs="?", default="list", choices=["list", "info", "check"])
+    p.add_argument("name", nargs="?", help="data set name (info) or folder / CSV (check)")
     p.add_argument("--data-dir", help="directory searched first")
+    p.add_argument("--json", action="store_true", help="check: the report as JSON")
+    p.add_argument(
+        "--near-bits",
+        type=int,
+        default=4,
+        help="check: near duplicates differ in at most this many of 64 hash bits",
+    )
 
     p = sub.add_parser("models", help="models you can train, with parameter counts")
     p.add_argument("--spec-help", action="store_true", help="explain the layer-spec grammar")
@@ -276,7 +289,11 @@ def cmd_datasets(args) -> int:
         )
         return 0
     if not args.name:
-        raise ValueError("usage: cnnkit datasets info NAME")
+        raise ValueError(
+            f"usage: cnnkit datasets {args.action} {'NAME' if args.action == 'info' else 'PATH'}"
+        )
+    if args.action == "check":
+        return _check(args, con)
     spec = builtin(args.name)
     data = load_dataset(spec.name, data_dir=args.data_dir, val_split=0)
     con.print(f"[bold]{spec.name}[/]: {spec.title}")
@@ -293,6 +310,30 @@ def cmd_datasets(args) -> int:
         t.add_row(name, str(i), f"{train_counts[i]:,}", f"{test_counts[i]:,}")
     con.print(t)
     return 0
+
+
+def _check(args, con) -> int:
+    from cnnkit.data.doctor import check_dataset
+
+    report = check_dataset(args.name, near_bits=args.near_bits)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 1 if report.errors else 0
+    splits = list(report.counts)
+    t = _table(f"{report.root}: images per class", "class", *splits)
+    for i, name in enumerate(report.classes):
+        t.add_row(name, *(f"{report.counts[s][i]:,}" for s in splits))
+    con.print(t)
+    style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+    for f in report.findings:
+        con.print(f"[{style[f.level]}]{f.level}[/] {f.check}: {f.message}", soft_wrap=True)
+        for line in f.files[:5]:
+            con.print(f"    {line}", markup=False, soft_wrap=True)
+        if len(f.files) > 5:
+            con.print(f"    ... and {len(f.files) - 5} more (--json lists all)")
+    if not report.findings:
+        con.print("no problems found")
+    return 1 if report.errors else 0
 
 
 def cmd_models(args) -> int:

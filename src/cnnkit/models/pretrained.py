@@ -200,12 +200,13 @@ def map_efficientnet_pytorch_lite0(sd: dict[str, torch.Tensor], target: nn.Modul
     """Rename an efficientnet_pytorch EfficientNet-Lite0 state dict to timm's names.
 
     Both list the same layers in the same order (stem, blocks, head, classifier), so the
-    float tensors pair up one to one; shapes are checked, names are not trusted.
+    float tensors pair up one to one; shapes are checked, names are not trusted. The
+    ImageNet classifier is mapped too when ``target`` has one (1000 classes).
     """
     theirs = [(k, v) for k, v in sd.items() if v.is_floating_point()]
     ours = [(k, v) for k, v in target.state_dict().items() if v.is_floating_point()]
-    ours = [(k, v) for k, v in ours if not k.startswith("classifier.")]
-    theirs = [(k, v) for k, v in theirs if not k.startswith("_fc.")]
+    if not any(k.startswith("classifier.") for k, _ in ours):  # a backbone without classifier
+        theirs = [(k, v) for k, v in theirs if not k.startswith("_fc.")]
     if len(theirs) != len(ours):
         raise PretrainedWeightsError(
             f"EfficientNet-Lite0 weights have {len(theirs)} tensors, the model {len(ours)}"
@@ -273,9 +274,8 @@ class BackboneClassifier(nn.Module):
     def freeze_backbone(self, keep_trainable_blocks: int = 0) -> None:
         """Freeze the backbone except its last ``keep_trainable_blocks`` blocks.
 
-        Frozen parts also keep their batch-norm statistics: they stay in eval mode even when
-        the model trains (updating them on a small data set is a classic cause of
-        fine-tuning collapse).
+        Batch-norm statistics stay fixed (eval mode even when the model trains): updating
+        them on a small data set is a classic cause of fine-tuning collapse.
         """
         blocks = self.blocks()
         trainable = (
@@ -285,22 +285,23 @@ class BackboneClassifier(nn.Module):
         )
         for name, p in self.backbone.named_parameters():
             p.requires_grad_(name in trainable)
-        if keep_trainable_blocks:  # frozen layers with parameters (batch norm above all)
+        if keep_trainable_blocks:  # batch-norm statistics stay fixed everywhere, as in unfreeze
             self._frozen = [
-                m
-                for m in self.backbone.modules()
-                if not any(True for _ in m.children())
-                and any(True for _ in m.parameters())
-                and not any(p.requires_grad for p in m.parameters())
+                m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             ]
         else:
             self._frozen = [self.backbone]
         self.train(self.training)
 
     def unfreeze(self) -> None:
+        """Make the whole backbone trainable, its batch-norm statistics excepted: with
+        small batches of a new data set they would drift from what the weights expect (the
+        usual fine-tuning advice, e.g. Keras's), while their scale and shift still learn."""
         for p in self.backbone.parameters():
             p.requires_grad_(True)
-        self._frozen = []
+        self._frozen = [
+            m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
         self.train(self.training)
 
     def train(self, mode: bool = True) -> BackboneClassifier:

@@ -308,13 +308,21 @@ def _execute(
             split_file=run_dir / "split.json",
             preprocessing=resume["preprocessing"] if resume else None,
         )
-        if data.files is not None and not (run_dir / "split.json").exists():
+        new_folder_run = data.files is not None and not (run_dir / "split.json").exists()
+        if new_folder_run:
             save_split(data, run_dir / "split.json")
         torch.manual_seed(cfg.train.seed)  # model initialisation
         model = build_model(cfg, data, resume)
         meta = checkpoint_meta(cfg, data, model, pre)
         stages = plan_stages(cfg, data, model)
         _describe(cfg, data, model, stages, device, run_dir, say)
+        if new_folder_run:
+            from cnnkit.data.doctor import quick_check
+
+            for finding in quick_check(data):
+                say(f"{finding.level}: {finding.message}")
+                for line in finding.files[:5]:
+                    say(f"    {line}")
 
         state: TrainState | None = None
         done = []
