@@ -32,3 +32,4 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/seed_mnist.py
+	$(BIN)/python benchmarks/folder_pipeline.py

@@ -177,3 +177,55 @@ def test_train_warns_about_leaks(tmp_path):
     )
     log = (run.path / "train.log").read_text()
     assert "error: 1 file(s) appear in two splits" in log and "copy.jpg [val]" in log
+
+
+def test_larger_than_memory_data_reads_from_the_mapped_cache(tmp_path, monkeypatch):
+    root = make_photos(tmp_path / "photos", per_class=10)
+    in_memory = load_folder(root, image_size=24, val_split=0.2, test_split=0)
+    monkeypatch.setenv("CNNKIT_MEMORY_BUDGET", "1000")  # bytes: nothing fits
+    mapped = load_folder(root, image_size=24, val_split=0.2, test_split=0)
+    assert any("memory-mapped cache" in n for n in mapped.notes)
+    from cnnkit.data.folder import decode_images
+
+    paths = sorted(root.rglob("*.*"))
+    assert isinstance(decode_images(paths, 3, 24, memory_budget=1000).images, np.memmap)
+    assert torch.equal(mapped.train.images, in_memory.train.images)
+    assert torch.equal(mapped.val.images, in_memory.val.images)
+    run = cnnkit.train(
+        data=str(root),
+        model="conv8-pool-gap",
+        epochs=1,
+        image_size=24,
+        val_split=0.2,
+        test_split=0,
+        runs_dir=str(tmp_path / "r"),
+        quiet=True,
+    )
+    assert run.history[0]["train_acc"] >= 0
+
+
+def test_imbalance_options(tmp_path):
+    from cnnkit.train.loop import class_weights
+
+    labels = torch.tensor([0] * 30 + [1] * 10)
+    w = class_weights(labels, 2)
+    assert w.tolist() == pytest.approx([40 / 60, 40 / 20])  # n / (k * count)
+    per_image = w[labels]  # the balanced sampler's weights: each class drawn equally often
+    assert per_image[labels == 0].sum() == pytest.approx(per_image[labels == 1].sum())
+    root = make_photos(tmp_path / "photos", per_class=12)
+    for f in sorted((root / "blue").iterdir())[3:]:
+        f.unlink()  # blue: 3 images, the others 12
+    run = cnnkit.train(
+        data=str(root),
+        model="conv8-gap",
+        epochs=2,
+        image_size=16,
+        val_split=0,
+        test_split=0,
+        class_weights="auto",
+        sampler="balanced",
+        runs_dir=str(tmp_path / "r"),
+        quiet=True,
+    )
+    assert len(run.history) == 2
+    assert "imbalanced" in (run.path / "train.log").read_text()

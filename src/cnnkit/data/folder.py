@@ -262,7 +262,10 @@ def decode_images(
 
 
 def _memory_budget() -> int:
-    """Bytes of decoded images to hold in memory: a third of the machine's RAM."""
+    """Bytes of decoded images to hold in memory: a third of the machine's RAM, or
+    $CNNKIT_MEMORY_BUDGET (bytes)."""
+    if os.environ.get("CNNKIT_MEMORY_BUDGET"):
+        return int(float(os.environ["CNNKIT_MEMORY_BUDGET"]))
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3
     except (ValueError, OSError, AttributeError):
@@ -369,23 +372,29 @@ def load_folder(
         notes.append(f"skipped {len(decoded.errors)} file(s) that could not be decoded:")
         notes += [f"  {e}" for e in decoded.errors]
 
-    position = {i: row for row, i in enumerate(decoded.kept)}
+    # The cache holds the decoded files in split order, so each split is a contiguous slice:
+    # a view, which keeps a memory-mapped cache on disk (batches then read only their rows).
     images = torch.from_numpy(decoded.images)
+    kept = set(decoded.kept)
     parts, files = {}, {}
-    start = 0
+    start = row = 0
     for s in order:
-        idx = [position[i] for i in range(start, start + len(splits[s])) if i in position]
-        kept_files = [all_files[i] for i in range(start, start + len(splits[s])) if i in position]
+        kept_files = [all_files[i] for i in range(start, start + len(splits[s])) if i in kept]
         start += len(splits[s])
-        index = torch.tensor(idx, dtype=torch.long)
         parts[s] = ImageTensors(
-            images[index] if len(idx) else images[:0],
+            images[row : row + len(kept_files)],
             torch.tensor([lb for _, lb in kept_files], dtype=torch.long),
         )
+        row += len(kept_files)
         files[s] = [
             [str(p.relative_to(root)) if p.is_relative_to(root) else str(p), lb]
             for p, lb in kept_files
         ]
+    if isinstance(decoded.images, np.memmap):
+        notes.append(
+            f"{decoded.images.nbytes / 2**30:.1f} GiB of decoded images: more than the "
+            "memory budget, read from the memory-mapped cache batch by batch"
+        )
     if limit is not None and limit < len(parts["train"]):
         keep, _ = stratified_split(parts["train"].labels, 1 - limit / len(parts["train"]), seed)
         parts["train"] = parts["train"].subset(keep)

@@ -32,7 +32,6 @@ ALIASES = {
     "mobilenet_v3": "mobilenetv3_large_100",
     "mobilenetv3_small": "mobilenetv3_small_100",
     "mobilenetv2": "mobilenetv2_100",
-    "vgg16": "vgg16_bn",
 }
 LITE0_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
 

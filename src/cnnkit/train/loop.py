@@ -135,6 +135,13 @@ def _improved(value: float, best: float | None, monitor: str) -> bool:
     return value < best if monitor.endswith("loss") else value > best
 
 
+def _fits_on(device: torch.device, nbytes: int) -> bool:
+    if device.type != "cuda":
+        return True  # the host: already where the data is (in memory or memory-mapped)
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < free // 2
+
+
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Loss weights inverse to class frequency, 1 on average: n / (k * count)."""
     counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
@@ -172,7 +179,10 @@ def fit(
         model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if tc.compile else model
 
-    train = data.train.to(device)
+    # Data that fits stays on the device; a larger set stays in host (or mapped) memory and
+    # each batch moves alone.
+    resident = _fits_on(device, data.train.images.nbytes)
+    train = data.train.to(device) if resident else data.train
     val = data.val.to(device) if data.val is not None and len(data.val) else None
     normalizer = Normalizer(data.mean, data.std, device, crop=data.input_size)
     augment = None
@@ -188,10 +198,10 @@ def fit(
     num_classes = len(data.classes)
     loss_weights = None
     if tc.class_weights == "auto":
-        loss_weights = class_weights(train.labels, num_classes)
+        loss_weights = class_weights(train.labels, num_classes).to(device)
     sample_weights = None  # balanced sampling: each image drawn inversely to its class size
     if tc.sampler == "balanced":
-        sample_weights = class_weights(train.labels, num_classes)[train.labels]
+        sample_weights = class_weights(train.labels, num_classes)[train.labels].to(device)
 
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -265,7 +275,12 @@ def fit(
                     raise TrainingInterrupted(run_dir / "last.pt", number, step, steps)
 
                 index = perm[step * batch_size : (step + 1) * batch_size]
-                x, y = normalizer.to_unit(train.images[index]), train.labels[index]
+                if resident:
+                    x, y = normalizer.to_unit(train.images[index]), train.labels[index]
+                else:
+                    index = index.cpu()
+                    x = normalizer.to_unit(train.images[index].to(device, non_blocking=True))
+                    y = train.labels[index].to(device, non_blocking=True)
                 if augment is not None:
                     x = augment(x, generator)
                 x = normalizer.normalize(x)
