@@ -142,3 +142,20 @@ def test_small_real_fine_tune(cats_dogs_dir, tmp_path):
     assert report.accuracy >= head_best  # fine-tuning never lowers the kept model
     cat = run.predict(cats_dogs_dir / "validation" / "cats" / "cat.900.jpg")[0]
     assert cat.label == "cats" and cat.top[0][1] > 0.5
+
+
+@needs_lite0
+def test_ctrl_c_in_the_finetune_stage_resumes_exactly(cats_dogs_dir, tmp_path):
+    from test_train import SendCtrlC, assert_same_training
+
+    from cnnkit.train.loop import TrainingInterrupted
+
+    settings = dict(data=str(cats_dogs_dir), model="efficientnet_lite0", pretrained=True,
+                    image_size=64, limit=48, epochs=1, finetune_epochs=2, batch_size=16,
+                    runs_dir=str(tmp_path), quiet=True)
+    full = cnnkit.train(name="full", **settings).path
+    with pytest.raises(TrainingInterrupted):  # epoch 2 is the first fine-tuning epoch
+        cnnkit.train(name="cut", hooks=[SendCtrlC(1, 1)], **settings)
+    resumed = cnnkit.resume(tmp_path / "cut", quiet=True)
+    assert [r["stage"] for r in resumed.history] == ["head", "finetune", "finetune"]
+    assert_same_training(full, tmp_path / "cut")

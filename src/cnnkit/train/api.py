@@ -340,49 +340,40 @@ def _execute(
             use_features = (
                 stage.name == "head" and stage.augment == "none" and cfg.finetune.cache_features
             )
-            if use_features:
+            trainee, stage_data = model, data
+            if use_features:  # train the head alone, on backbone features computed once
                 t0 = time.perf_counter()
                 dtype = resolve_precision(cfg.train.precision, device)
                 batch = inference_batch_size(cfg.train.eval_batch_size, data.shape[1:], device)
-                feats = backbone_features(model, data, device, dtype, batch)
-                n = len(data.train) + (len(data.val) if data.val is not None else 0)
+                trainee, stage_data = (
+                    model.head,
+                    backbone_features(model, data, device, dtype, batch),
+                )
+                n = len(stage_data.train) + (len(stage_data.val) if stage_data.val else 0)
                 seconds = time.perf_counter() - t0
                 say(
                     f"stage  head: backbone features of {n:,} images computed once in "
                     f"{seconds:.1f}s ({n / seconds:,.0f} images/s); the head trains on them"
                 )
-                state = fit(
-                    model.head,
-                    feats,
-                    cfg,
-                    device=device,
-                    run_dir=run_dir,
-                    checkpoint_meta=meta,
-                    hooks=all_hooks,
-                    stage=stage,
-                    previous=state,
-                    resume=stage_resume,
-                    checkpoint_model=model,
+            elif stage.name != "train":
+                say(
+                    f"stage  {stage.name}: {stage.epochs} epochs, lr {stage.lr:g}, "
+                    f"augment {stage.augment}"
                 )
-            else:
-                if stage.name != "train":
-                    say(
-                        f"stage  {stage.name}: {stage.epochs} epochs, lr {stage.lr:g}, "
-                        f"augment {stage.augment}"
-                    )
-                state = fit(
-                    model,
-                    data,
-                    cfg,
-                    device=device,
-                    run_dir=run_dir,
-                    checkpoint_meta=meta,
-                    hooks=all_hooks,
-                    stage=stage,
-                    previous=state,
-                    resume=stage_resume,
-                )
-            if state.stop_reason in ("diverged",):
+            state = fit(
+                trainee,
+                stage_data,
+                cfg,
+                device=device,
+                run_dir=run_dir,
+                checkpoint_meta=meta,
+                hooks=all_hooks,
+                stage=stage,
+                previous=state,
+                resume=stage_resume,
+                checkpoint_model=model,
+            )
+            if state.stop_reason == "diverged":
                 break
         if state is not None:
             _summarise(state, run_dir, say)
