@@ -146,16 +146,57 @@ def test_small_real_fine_tune(cats_dogs_dir, tmp_path):
 
 @needs_lite0
 def test_ctrl_c_in_the_finetune_stage_resumes_exactly(cats_dogs_dir, tmp_path):
+    from cnnkit.train.loop import TrainingInterrupted
     from test_train import SendCtrlC, assert_same_training
 
-    from cnnkit.train.loop import TrainingInterrupted
-
-    settings = dict(data=str(cats_dogs_dir), model="efficientnet_lite0", pretrained=True,
-                    image_size=64, limit=48, epochs=1, finetune_epochs=2, batch_size=16,
-                    runs_dir=str(tmp_path), quiet=True)
+    settings = dict(
+        data=str(cats_dogs_dir),
+        model="efficientnet_lite0",
+        pretrained=True,
+        image_size=64,
+        limit=48,
+        epochs=1,
+        finetune_epochs=2,
+        batch_size=16,
+        runs_dir=str(tmp_path),
+        quiet=True,
+    )
     full = cnnkit.train(name="full", **settings).path
     with pytest.raises(TrainingInterrupted):  # epoch 2 is the first fine-tuning epoch
         cnnkit.train(name="cut", hooks=[SendCtrlC(1, 1)], **settings)
     resumed = cnnkit.resume(tmp_path / "cut", quiet=True)
     assert [r["stage"] for r in resumed.history] == ["head", "finetune", "finetune"]
     assert_same_training(full, tmp_path / "cut")
+
+
+@pytest.mark.parametrize("name", ["tv:resnet18", "tv:mobilenet_v3_large", "tv:convnext_tiny"])
+def test_torchvision_backbones(name):
+    model = create_model(name, 4, 1).eval()  # one input channel: the first conv is adapted
+    x = torch.randn(2, 1, 64, 64)
+    assert model(x).shape == (2, 4)
+    # forward = head(features): the split Grad-CAM and feature caching rely on
+    torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))
+    blocks = model.blocks()
+    assert blocks[0][0].startswith("net.conv1") or blocks[0][0].startswith("net.features.0")
+    model.freeze_backbone(keep_trainable_blocks=1)
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == set(blocks[-1])
+
+
+def test_torchvision_weights_from_its_cache(tmp_path, monkeypatch):
+    from torchvision.models import get_model
+
+    from cnnkit.models.pretrained import preprocessing_for
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(PretrainedWeightsError, match="resnet18-f37072fd.pth and is offline"):
+        create_model("tv:resnet18", 2, 3, pretrained=True)
+    reference = get_model("resnet18")
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / "resnet18-f37072fd.pth")
+    model = create_model("tv:resnet18", 2, 3, pretrained=True)
+    assert torch.equal(model.backbone.net.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    pre = preprocessing_for("tv:resnet18", True, None)
+    assert pre.input_size == (224, 224) and pre.crop_pct == pytest.approx(224 / 256)
+    assert pre.mean == pytest.approx((0.485, 0.456, 0.406))

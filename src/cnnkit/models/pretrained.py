@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import torchvision_backbone as tv
+
 # Friendly names for timm architectures.
 ALIASES = {
     "mobilenetv3": "mobilenetv3_large_100",
@@ -66,7 +68,11 @@ def resolve_arch(name: str) -> str:
 def is_backbone_name(name: str) -> bool:
     import timm
 
-    return name.startswith("timm:") or timm.is_model(resolve_arch(name))
+    from .torchvision_backbone import is_torchvision_name
+
+    return (
+        name.startswith("timm:") or timm.is_model(resolve_arch(name)) or is_torchvision_name(name)
+    )
 
 
 def _lite0_package_file() -> Path | None:
@@ -81,7 +87,7 @@ def _lite0_package_file() -> Path | None:
 def weight_source(name: str, pretrained: bool, weights: str | None) -> tuple[str, str]:
     """(timm architecture, where the weights come from: 'file', 'lite0-package', 'hub',
     or 'none')."""
-    arch = resolve_arch(name)
+    arch = name if name.startswith(tv.PREFIX) else resolve_arch(name)
     if weights:
         if not Path(weights).is_file():
             raise PretrainedWeightsError(f"weights file not found: {weights}")
@@ -100,6 +106,8 @@ def preprocessing_for(name: str, pretrained: bool, weights: str | None) -> Prepr
     arch, source = weight_source(name, pretrained, weights)
     if source == "none":
         return None
+    if arch.startswith(tv.PREFIX):
+        return Preprocessing(**tv.preprocessing(arch))
     if arch == "tf_efficientnet_lite0":
         return LITE0_PREPROCESSING
     cfg = timm.get_pretrained_cfg(arch)
@@ -137,7 +145,7 @@ def cached_hub_weights(arch: str) -> Path | None:
     return None
 
 
-def _hub_reachable() -> bool:
+def _hub_reachable(host: str = "huggingface.co") -> bool:
     """False when offline is asked for or the hub's host does not even resolve: then fail at
     once instead of letting the hub client retry for a minute."""
     import socket
@@ -145,7 +153,7 @@ def _hub_reachable() -> bool:
     if any(os.environ.get(v, "") not in ("", "0") for v in ("CNNKIT_OFFLINE", "HF_HUB_OFFLINE")):
         return False
     try:
-        socket.getaddrinfo("huggingface.co", 443)
+        socket.getaddrinfo(host, 443)
         return True
     except OSError:
         return False
@@ -267,6 +275,8 @@ class BackboneClassifier(nn.Module):
         """Backbone parameter names grouped into blocks, from the input side (timm's groups)."""
         from timm.models import group_parameters
 
+        if hasattr(self.backbone, "parameter_blocks"):  # torchvision
+            return self.backbone.parameter_blocks()
         groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
         return [names for _, names in sorted(groups.items())]
 
@@ -352,6 +362,8 @@ def create_backbone_classifier(
     import timm
 
     arch, source = weight_source(name, pretrained, weights)
+    if arch.startswith(tv.PREFIX):
+        return _torchvision_classifier(arch, source, num_classes, in_chans, weights, head)
     if not timm.is_model(arch):
         raise ValueError(f"unknown timm architecture '{arch}'; see timm.list_models()")
     if source == "hub":
@@ -376,6 +388,29 @@ def create_backbone_classifier(
         elif source == "lite0-package":
             path = _lite0_package_file()
             _load_backbone_weights(backbone, _state_dict_from_file(path), in_chans, str(path))
+    model = BackboneClassifier(backbone, build_head(head, backbone.num_features, num_classes))
+    model.arch, model.weight_source = arch, source
+    return model
+
+
+def _torchvision_classifier(
+    arch: str, source: str, num_classes: int, in_chans: int, weights: str | None, head: str | None
+) -> BackboneClassifier:
+    backbone = tv.TorchvisionBackbone(arch, in_chans)
+    if source == "file":
+        backbone.load_imagenet(_state_dict_from_file(weights))
+    elif source == "hub":
+        cached = tv.cached_weights_file(arch)
+        if cached.is_file():
+            backbone.load_imagenet(_state_dict_from_file(cached))
+        elif _hub_reachable("download.pytorch.org"):
+            backbone.load_imagenet(tv.default_weights(arch).get_state_dict(progress=False))
+        else:
+            raise PretrainedWeightsError(
+                f"pretrained weights for '{arch}' not found: torchvision looks for {cached} "
+                f"and is offline. Fix: download {tv.default_weights(arch).url} into "
+                f"{cached.parent}/ (or run once with network access), or pass --weights FILE."
+            )
     model = BackboneClassifier(backbone, build_head(head, backbone.num_features, num_classes))
     model.arch, model.weight_source = arch, source
     return model
