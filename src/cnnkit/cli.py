@@ -359,8 +359,9 @@ def cmd_models(args) -> int:
         t.add_row(entry.name, entry.description, *counts)
     con.print(t)
     con.print(
-        "Also: timm:<arch> (any timm architecture, random init), or a layer spec such "
-        "as conv32-pool-conv64-pool-drop0.25-fc64 (cnnkit models --spec-help)."
+        "Also: any timm architecture (resnet50, efficientnet_lite0, convnext_tiny, ...) or "
+        "torchvision one (tv:resnet50, ...), with ImageNet weights via --pretrained; or a "
+        "layer spec such as conv32-pool-conv64-pool-drop0.25-fc64 (cnnkit models --spec-help)."
     )
     return 0
 
