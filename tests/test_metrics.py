@@ -35,3 +35,29 @@ def test_topk():
     assert topk_accuracy(logits, target, 1) == 0.0
     assert topk_accuracy(logits, target, 2) == 0.5
     assert topk_accuracy(logits, target, 3) == 1.0
+
+
+def test_class_never_predicted_has_precision_zero_and_a_warning():
+    target = torch.tensor([0, 0, 1, 1, 2, 2])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 1, 1, 1]), 3).float()
+    r = classification_report(logits, target, ["a", "b", "c"], "val")
+    assert r.per_class["precision"][2] == 0.0 and r.per_class["f1"][2] == 0.0  # not NaN
+    assert r.warnings == ["class 'c' was never predicted: its precision is reported as 0"]
+    cm = ConfusionMatrix(3).update(logits.argmax(1), target)
+    assert cm.most_confused(3) == [(2, 1, 2)]
+
+
+def test_expected_calibration_error_on_a_constructed_case():
+    from cnnkit.evaluate.metrics import calibration
+
+    # 4 predictions at confidence 0.95 (3 right) and 4 at 0.65 (all right), 10 bins:
+    # ECE = 0.5 * |0.75 - 0.95| + 0.5 * |1.0 - 0.65| = 0.1 + 0.175 = 0.275
+    probs = torch.tensor([[0.95, 0.05]] * 4 + [[0.65, 0.35]] * 4)
+    target = torch.tensor([0, 0, 0, 1, 0, 0, 0, 0])
+    c = calibration(probs, target, bins=10)
+    assert c["ece"] == pytest.approx(0.275)
+    full = [b for b in c["bins"] if b["count"]]
+    assert [(b["low"], b["count"], b["accuracy"]) for b in full] == [
+        (pytest.approx(0.6), 4, 1.0),
+        (pytest.approx(0.9), 4, 0.75),
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 # Help for every config setting; the flag is the setting's flat name (see config.resolve_key).
 SETTING_HELP = {
@@ -106,6 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation (shifts, and flips if training used them); "
+        "prints the gain over plain evaluation",
+    )
+
+    p = sub.add_parser(
+        "report",
+        help="one HTML page (and JSON): curves, diagnosis, metrics, "
+        "confusion, calibration, mistakes with Grad-CAM",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--split", choices=["test", "val"], help="default: test if the run has one")
+    p.add_argument("--weights", default="best", choices=["best", "last"])
+    p.add_argument("--gallery", type=int, default=12, help="images per gallery (default 12)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps of image files, saved as PNG")
+    p.add_argument("run", help="run directory")
+    p.add_argument("files", nargs="+", help="image files")
+    p.add_argument("--layer", help="convolution to explain (default: the last one)")
+    p.add_argument("--out", help="output folder (default: <run>/explain)")
+    p.add_argument("--weights", default="best", choices=["best", "last"])
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("compare", help="runs side by side: config differences and metrics")
+    p.add_argument("runs", nargs="+", help="two or more run directories")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--out", default="compare.png", help="validation curves PNG")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("predict", help="classify image files with a trained run")
     p.add_argument("run", help="run directory (or a checkpoint .pt)")
@@ -198,6 +230,8 @@ def cmd_evaluate(args) -> int:
 
     run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
     report = run.evaluate(split=args.split)
+    if args.tta:
+        plain, report = report, run.evaluate(split=args.split, tta=True, save=False)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -230,6 +264,14 @@ def cmd_evaluate(args) -> int:
             f"{report.num_images:,}",
         )
     con.print(t)
+    if args.tta:
+        con.print(
+            f"test-time augmentation: accuracy {report.accuracy:.2%} vs {plain.accuracy:.2%}"
+            f" plain, a gain of {(report.accuracy - plain.accuracy) * 100:+.2f} points "
+            "(the tables show the TTA numbers)"
+        )
+    for warning in report.warnings:
+        con.print(f"[yellow]warning[/] {warning}")
     if len(report.classes) <= 20:
         cm = _table(
             "confusion matrix (rows: true class, columns: predicted)",
@@ -243,6 +285,86 @@ def cmd_evaluate(args) -> int:
         f"saved {run.path / f'eval-{report.split}.json'}, "
         f"{run.path / 'confusion_matrix.png'}, {run.path / 'curves.png'}"
     )
+    return 0
+
+
+def cmd_report(args) -> int:
+    import cnnkit
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    html_path, json_path = run.report(split=args.split, gallery=args.gallery)
+    report = json.loads(json_path.read_text())
+    m = report["metrics"]
+    print(
+        f"{report['split']} accuracy {m['accuracy']:.2%}, macro F1 {m['macro_avg']['f1']:.4f}, "
+        f"ECE {report['calibration']['ece']:.4f}; diagnosis: "
+        + ", ".join(v["verdict"] for v in report["diagnosis"])
+    )
+    print(f"wrote {html_path} and {json_path}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    import cnnkit
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    out = Path(args.out) if args.out else run.path / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path, (pred, image) in zip(
+        args.files, run.explain(args.files, layer=args.layer), strict=True
+    ):
+        if pred.error:
+            print(f"error: {pred.error}", file=sys.stderr)
+            failed += 1
+            continue
+        target = out / f"{Path(path).stem}-gradcam.png"
+        image.save(target)
+        print(f"{path}: {pred.label} {pred.top[0][1]:.1%} -> {target}")
+    return 1 if failed else 0
+
+
+def cmd_compare(args) -> int:
+    from cnnkit.evaluate.compare import compare_runs
+
+    result = compare_runs(args.runs, split=args.split, plot=args.out)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    con = _console()
+    if result["differences"]:
+        t = _table(
+            "settings that differ",
+            "setting",
+            *[Path(r).name for r in args.runs],
+            text_columns=1 + len(args.runs),
+        )
+        for key, values in result["differences"].items():
+            t.add_row(key, *(str(v) for v in values))
+        con.print(t)
+    t = _table(
+        f"results ({result['split']} split; * best)",
+        "run",
+        "accuracy",
+        "macro F1",
+        "parameters",
+        "train time",
+        "images/s",
+        "epochs",
+    )
+    for r in result["runs"]:
+        mark = " *" if r["run"] == result["best"] else ""
+        t.add_row(
+            Path(r["run"]).name + mark,
+            f"{r['accuracy']:.2%}",
+            f"{r['macro_f1']:.4f}",
+            f"{r['parameters']:,}",
+            f"{r['training_seconds']:.1f}s",
+            f"{r['images_per_s']:,.0f}" if r["images_per_s"] else "-",
+            str(r["epochs"]),
+        )
+    con.print(t)
+    con.print(f"validation curves: {result['plot']}")
     return 0
 
 
@@ -369,6 +491,9 @@ def cmd_models(args) -> int:
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "explain": cmd_explain,
+    "compare": cmd_compare,
     "predict": cmd_predict,
     "datasets": cmd_datasets,
     "models": cmd_models,

@@ -100,7 +100,28 @@ class Run:
             self.model, images.to(self.device), self.normalizer, batch, dtype, channels_last
         )
 
-    def evaluate(self, split: str = "test", save: bool = True) -> ClassificationReport:
+    def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Log of the mean probability over test-time views: the image, four shifts by
+        1/14 of its size (2 px on 28x28) and, when training flipped images, its mirror."""
+        import torch.nn.functional as F
+
+        views = [images]
+        h, w = images.shape[-2:]
+        s = max(1, round(min(h, w) / 14))
+        padded = F.pad(images, (s, s, s, s))
+        for dy, dx in ((0, s), (2 * s, s), (s, 0), (s, 2 * s)):
+            views.append(padded[..., dy : dy + h, dx : dx + w])
+        if self.config.data.augment in ("flip", "crop-flip", "photo") or (
+            self.config.data.augment == "auto"
+            and self.preprocessing.get("resize") == "shorter-side"
+        ):
+            views.append(images.flip(-1))
+        probs = sum(self._logits(v).softmax(1) for v in views) / len(views)
+        return probs.clamp_min(1e-12).log()
+
+    def evaluate(
+        self, split: str = "test", save: bool = True, tta: bool = False
+    ) -> ClassificationReport:
         """Accuracy, top-k, per-class P/R/F1 and the confusion matrix on a split.
 
         The validation split is rebuilt exactly as training made it (same seed, same
@@ -114,9 +135,8 @@ class Run:
             self.config, None, split_file=self.path / "split.json", preprocessing=self.preprocessing
         )
         part = data.split(split)
-        report = classification_report(
-            self._logits(part.images), part.labels.to(self.device), self.classes, split
-        )
+        logits = self.tta_logits(part.images) if tta else self._logits(part.images)
+        report = classification_report(logits, part.labels.to(self.device), self.classes, split)
         if save:
             self.save_report(report, data.name)
         return report
@@ -147,6 +167,34 @@ class Run:
                 self.path / "curves.png",
             )
         return files
+
+    def report(self, split: str | None = None, gallery: int = 12) -> tuple[Path, Path]:
+        """Write report.html and report.json (see cnnkit.evaluate.report)."""
+        from cnnkit.evaluate.report import write_report
+
+        return write_report(self, split, gallery)
+
+    def explain(self, images, layer: str | None = None) -> list[tuple[Prediction, object]]:
+        """Grad-CAM for the predicted class of each image: (prediction, overlay PIL image).
+
+        ``layer``: a convolution's name (default: the last spatial convolution).
+        """
+        from cnnkit.evaluate.explain import GradCAM, overlay
+
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        predictions = self.predict(images, top_k=3)
+        cam = GradCAM(self.model, layer)
+        out = []
+        for image, pred in zip(images, predictions, strict=True):
+            if pred.error:
+                out.append((pred, None))
+                continue
+            x = to_input_tensor(image, self.preprocessing).to(self.device)[None]
+            target = torch.tensor([self.classes.index(pred.label)], device=self.device)
+            heat, _ = cam(self.normalizer(x), target)
+            out.append((pred, overlay(x[0], heat[0])))
+        return out
 
     def predict(self, images, top_k: int = 5) -> list[Prediction]:
         """Top-k predictions for paths, PIL images, arrays or tensors (one or a list).

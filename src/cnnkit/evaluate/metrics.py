@@ -33,6 +33,22 @@ class ConfusionMatrix:
     def accuracy(self) -> float:
         return float(self.counts.diag().sum()) / max(self.total, 1)
 
+    def never_predicted(self) -> list[int]:
+        """Classes that occur in the labels but were never predicted (precision 0 by
+        convention, not NaN)."""
+        c = self.counts
+        return [i for i in range(self.num_classes) if c[:, i].sum() == 0 and c[i].sum() > 0]
+
+    def most_confused(self, k: int = 5) -> list[tuple[int, int, int]]:
+        """The k largest off-diagonal counts: (true class, predicted class, count)."""
+        off = self.counts.clone()
+        off.fill_diagonal_(0)
+        values, flat = off.flatten().topk(min(k, off.numel()))
+        n = self.num_classes
+        return [
+            (int(i) // n, int(i) % n, int(v)) for v, i in zip(values, flat, strict=True) if v > 0
+        ]
+
     def per_class(self) -> dict[str, list[float]]:
         c = self.counts.double()
         tp = c.diag()
@@ -57,6 +73,39 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
     return float(hits.float().mean())
 
 
+def calibration(probs: torch.Tensor, target: torch.Tensor, bins: int = 15) -> dict:
+    """Expected calibration error and the reliability diagram's bins.
+
+    Predictions are grouped by confidence (the top probability) into equal-width bins;
+    ECE is the support-weighted mean of |accuracy - confidence| over the bins.
+    """
+    confidence, predicted = probs.max(1)
+    correct = (predicted == target).double()
+    confidence = confidence.double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    index = torch.bucketize(confidence, edges[1:-1])  # bin i: (edge_i, edge_i+1]
+    rows, ece = [], 0.0
+    n = len(target)
+    for b in range(bins):
+        mask = index == b
+        count = int(mask.sum())
+        if count:
+            acc, conf = float(correct[mask].mean()), float(confidence[mask].mean())
+            ece += count / n * abs(acc - conf)
+        else:
+            acc = conf = None
+        rows.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "count": count,
+                "accuracy": acc,
+                "confidence": conf,
+            }
+        )
+    return {"ece": ece, "bins": rows}
+
+
 @dataclass
 class ClassificationReport:
     split: str
@@ -69,6 +118,7 @@ class ClassificationReport:
     macro: dict[str, float]
     weighted: dict[str, float]
     confusion_matrix: list[list[int]]
+    warnings: list[str]
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +135,7 @@ class ClassificationReport:
             "weighted_avg": self.weighted,
             "classes": self.classes,
             "confusion_matrix": self.confusion_matrix,
+            "warnings": self.warnings,
         }
 
 
@@ -104,6 +155,10 @@ def classification_report(
         }
 
     ks = [k for k in (1, 3, 5) if k < len(classes) or k == 1]
+    warnings = [
+        f"class '{classes[i]}' was never predicted: its precision is reported as 0"
+        for i in cm.never_predicted()
+    ]
     return ClassificationReport(
         split=split,
         classes=list(classes),
@@ -115,4 +170,5 @@ def classification_report(
         macro=averages(torch.ones_like(support)),
         weighted=averages(support),
         confusion_matrix=cm.counts.cpu().tolist(),
+        warnings=warnings,
     )

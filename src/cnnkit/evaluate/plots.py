@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def _pyplot():
     import matplotlib
@@ -15,8 +13,8 @@ def _pyplot():
 
 
 def plot_confusion_matrix(
-    matrix: list[list[int]], classes: list[str], title: str, path: Path
-) -> Path:
+    matrix: list[list[int]], classes: list[str], title: str, path, normalized: bool = False
+):
     import numpy as np
 
     plt = _pyplot()
@@ -37,7 +35,7 @@ def plot_confusion_matrix(
                     ax.text(
                         j,
                         i,
-                        str(m[i, j]),
+                        f"{m[i, j] / rows[i, 0]:.0%}" if normalized else str(m[i, j]),
                         ha="center",
                         va="center",
                         fontsize=8,
@@ -52,10 +50,17 @@ def plot_confusion_matrix(
     return path
 
 
-def plot_curves(history: list[dict], title: str, path: Path) -> Path:
+def plot_curves(history: list[dict], title: str, path, with_lr: bool = False):
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if with_lr else 2, figsize=(16 if with_lr else 11, 4))
+    ax_loss, ax_acc = axes[0], axes[1]
+    if with_lr:
+        axes[2].plot(epochs, [r["lr"] for r in history], "o-", color="tab:green")
+        axes[2].set_xlabel("epoch")
+        axes[2].set_ylabel("learning rate (end of epoch)")
+        axes[2].grid(alpha=0.3)
+        axes[2].xaxis.get_major_locator().set_params(integer=True)
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
         ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
         val = [
@@ -73,5 +78,40 @@ def plot_curves(history: list[dict], title: str, path: Path) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(bins: list[dict], ece: float, title: str, path):
+    """Accuracy against confidence per bin: a calibrated model follows the diagonal."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    filled = [b for b in bins if b["count"]]
+    width = bins[0]["high"] - bins[0]["low"]
+    ax.bar(
+        [b["low"] for b in filled],
+        [b["accuracy"] for b in filled],
+        width=width,
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
+    ax.plot(
+        [b["confidence"] for b in filled],
+        [b["accuracy"] for b in filled],
+        "o",
+        color="tab:red",
+        label="mean confidence",
+    )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {ece:.4f}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,0 +1,83 @@
+"""``cnnkit compare``: runs side by side, what differs in their configs and how they did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def compare_runs(
+    paths: list[str | Path], split: str = "test", plot: str | Path | None = None
+) -> dict:
+    """Config differences and key metrics of each run on ``split``; the best is marked
+    (highest accuracy, then macro F1). ``plot``: PNG path for the validation curves."""
+    from cnnkit.run import load_run
+
+    if len(paths) < 2:
+        raise ValueError("compare needs at least two runs")
+    runs = [load_run(p) for p in paths]
+    configs = [_flat(r.config.to_dict()) for r in runs]
+    keys = [
+        k
+        for k in configs[0]
+        if len({repr(c.get(k)) for c in configs}) > 1 and k not in ("run.name",)
+    ]
+    rows = []
+    for run in runs:
+        report = run.evaluate(split=split, save=False)
+        history = run.history
+        seconds = sum(r["seconds"] for r in history)
+        images = sum(r["images_per_s"] * r["seconds"] for r in history)
+        rows.append(
+            {
+                "run": str(run.path),
+                "accuracy": report.accuracy,
+                "macro_f1": report.macro["f1"],
+                "parameters": sum(p.numel() for p in run.model.parameters()),
+                "training_seconds": seconds,
+                "images_per_s": images / seconds if seconds else None,
+                "epochs": len(history),
+                "best_val_acc": max(
+                    (r["val_acc"] for r in history if r["val_acc"] is not None), default=None
+                ),
+            }
+        )
+    best = max(range(len(rows)), key=lambda i: (rows[i]["accuracy"], rows[i]["macro_f1"]))
+    result = {
+        "split": split,
+        "differences": {k: [c.get(k) for c in configs] for k in keys},
+        "runs": rows,
+        "best": rows[best]["run"],
+    }
+    if plot:
+        result["plot"] = str(_plot(runs, Path(plot)))
+    return result
+
+
+def _plot(runs, path: Path) -> Path:
+    from cnnkit.evaluate.plots import _pyplot
+
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        h = [r for r in run.history if r["val_loss"] is not None]
+        epochs = [r["epoch"] for r in h]
+        ax_loss.plot(epochs, [r["val_loss"] for r in h], "o-", label=run.path.name)
+        ax_acc.plot(epochs, [r["val_acc"] for r in h], "o-", label=run.path.name)
+    for ax, label in ((ax_loss, "validation loss"), (ax_acc, "validation accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,96 @@
+"""Grad-CAM (Selvaraju et al. 2017): where in the image the evidence for a class lies.
+
+The activations A of a convolutional layer (the last one, unless told otherwise) are
+weighted by the spatial mean of the class score's gradient with respect to them; the ReLU
+of that weighted sum, upsampled to the image, is the heatmap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_layers(model: nn.Module) -> list[str]:
+    """Names of the model's convolutional layers, in order."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def last_conv_layer(model: nn.Module) -> str:
+    """The last convolution with a spatial kernel: its maps are the most class-specific
+    that still keep the image's layout (a 1x1 projection after it would do too, but the
+    last spatial one is what most Grad-CAM implementations pick)."""
+    names = conv_layers(model)
+    if not names:
+        raise ValueError("the model has no convolutional layer for Grad-CAM")
+    modules = dict(model.named_modules())
+    spatial = [n for n in names if modules[n].kernel_size != (1, 1)]
+    return (spatial or names)[-1]
+
+
+class GradCAM:
+    """Heatmaps for a batch: ``GradCAM(model)(x, classes)`` -> (N, H, W) in [0, 1]."""
+
+    def __init__(self, model: nn.Module, layer: str | None = None):
+        self.model = model
+        modules = dict(model.named_modules())
+        self.layer = layer or last_conv_layer(model)
+        if self.layer not in modules:
+            raise ValueError(
+                f"no layer '{self.layer}' in the model; convolutional layers: "
+                + ", ".join(conv_layers(model)[-8:])
+            )
+        self.module = modules[self.layer]
+
+    def __call__(self, x: torch.Tensor, classes: torch.Tensor | None = None):
+        """Heatmaps (N, H, W) and the logits. ``classes``: whose evidence (default: the
+        predicted class of each image)."""
+        saved: dict[str, torch.Tensor] = {}
+
+        def keep(module, inputs, output):
+            output.retain_grad()
+            saved["maps"] = output
+
+        handle = self.module.register_forward_hook(keep)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)  # gradients flow even into frozen layers
+                logits = self.model(x)
+                if classes is None:
+                    classes = logits.argmax(1)
+                score = logits.gather(1, classes.view(-1, 1)).sum()
+                self.model.zero_grad(set_to_none=True)
+                score.backward()
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        maps, grads = saved["maps"].detach(), saved["maps"].grad.detach()
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * maps).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        top = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+        return (cam / top).float(), logits.detach()
+
+
+def _jet(v: np.ndarray) -> np.ndarray:
+    """A jet-like colour map: 0 blue, 0.5 green-yellow, 1 red. (H, W) -> (H, W, 3) uint8."""
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def overlay(image: torch.Tensor, cam: torch.Tensor, alpha: float = 0.45):
+    """A PIL image: the uint8 (C, H, W) image with the heatmap blended over it."""
+    from PIL import Image
+
+    img = image.detach().cpu()
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    base = img.permute(1, 2, 0).numpy().astype(np.float32)
+    heat = _jet(cam.detach().cpu().numpy()).astype(np.float32)
+    return Image.fromarray((base * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8))
