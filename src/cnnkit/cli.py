@@ -139,8 +139,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="compare.png", help="validation curves PNG")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("predict", help="classify image files with a trained run")
-    p.add_argument("run", help="run directory (or a checkpoint .pt)")
+    p = sub.add_parser("export", help="ONNX file verified against the model; int8 option")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", help="output file (default: <run>/model.onnx)")
+    p.add_argument(
+        "--layout",
+        default="nchw",
+        choices=["nchw", "nhwc"],
+        help="input layout of the uint8 images",
+    )
+    p.add_argument("--quantize", choices=["int8"], help="also write a static int8 model")
+    p.add_argument("--weights", default="best", choices=["best", "last"])
+
+    p = sub.add_parser("serve", help="REST API and web page for a run or an ONNX file")
+    p.add_argument("model", help="run directory or exported .onnx file")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnx"],
+        help="auto: ONNX Runtime for .onnx files, PyTorch for runs",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=32, help="images batched together at most (1: no batching)"
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for others to batch with",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--max-pixels", type=int, default=40_000_000)
+
+    p = sub.add_parser("predict", help="classify image files with a trained run or ONNX file")
+    p.add_argument("run", help="run directory, checkpoint .pt, or exported .onnx")
     p.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--weights", default="best", choices=["best", "last"])
@@ -368,10 +405,59 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import cnnkit
+    from cnnkit.deploy.export import export_onnx
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    result = export_onnx(run, args.out, layout=args.layout, quantize=args.quantize)
+    check = result.parity
+    print(
+        f"wrote {result.path} (uint8 {args.layout.upper()} input, normalisation, classes "
+        "and provenance inside)"
+    )
+    print(
+        f"checked on {check['images']:,} validation images with ONNX Runtime: top-1 "
+        f"agreement {check['top1_agreement']:.2%}, largest probability difference "
+        f"{check['max_probability_difference']:.1e}"
+    )
+    if result.int8:
+        q = result.int8
+        speed = q["images_per_s"]["batch_32"]
+        print(
+            f"wrote {result.int8_path}: accuracy {q['accuracy_int8']:.2%} vs "
+            f"{q['accuracy_fp32']:.2%} fp32 ({q['accuracy_change_points']:+.2f} points); "
+            f"images/s at batch 32: torch {speed['torch']:,}, ONNX fp32 "
+            f"{speed['onnx_fp32']:,}, int8 {speed['onnx_int8']:,}; size "
+            f"{q['size_bytes']['fp32'] / 1e6:.2f} -> {q['size_bytes']['int8'] / 1e6:.2f} MB"
+        )
+    print(f"details: {Path(result.path).with_suffix('.json')}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from cnnkit.deploy.serve import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=args.max_pixels,
+    )
+    return 0
+
+
 def cmd_predict(args) -> int:
     import cnnkit
 
-    run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    if args.run.endswith(".onnx"):
+        run = cnnkit.load(args.run)
+    else:
+        run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
     results = run.predict(args.files, top_k=args.top_k)
     failed = [r for r in results if r.error]
     if args.json:
@@ -494,6 +580,8 @@ COMMANDS = {
     "report": cmd_report,
     "explain": cmd_explain,
     "compare": cmd_compare,
+    "export": cmd_export,
+    "serve": cmd_serve,
     "predict": cmd_predict,
     "datasets": cmd_datasets,
     "models": cmd_models,
@@ -508,7 +596,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\naborted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        FileExistsError,
+        RuntimeError,
+        ImportError,
+    ) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         return 1

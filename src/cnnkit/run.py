@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cnnkit.config import Config
-from cnnkit.data.decode import ImageReadError, to_input_tensor
+from cnnkit.data.decode import to_input_tensor
 from cnnkit.data.memory import Normalizer
 from cnnkit.device import (
     inference_batch_size,
@@ -20,30 +19,9 @@ from cnnkit.device import (
 from cnnkit.evaluate.metrics import ClassificationReport, classification_report
 from cnnkit.inference import batched_logits
 from cnnkit.models import create_model
+from cnnkit.predict import Prediction, predict_images
 from cnnkit.train.checkpoint import load_checkpoint
 from cnnkit.train.hooks import read_metrics
-
-
-@dataclass
-class Prediction:
-    """Top-k classes of one input, or the reason it could not be read."""
-
-    source: str
-    top: list[tuple[str, float]]  # (class name, probability), most likely first
-    error: str | None = None
-
-    @property
-    def label(self) -> str | None:
-        return self.top[0][0] if self.top else None
-
-    def to_dict(self) -> dict:
-        d = {"source": self.source}
-        if self.error:
-            d["error"] = self.error
-        else:
-            d["label"] = self.label
-            d["top"] = [{"class": c, "probability": p} for c, p in self.top]
-        return d
 
 
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
@@ -196,34 +174,17 @@ class Run:
             out.append((pred, overlay(x[0], heat[0])))
         return out
 
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of uint8 images (N, C, H, W) at the model's input size."""
+        return self._logits(images).softmax(1)
+
     def predict(self, images, top_k: int = 5) -> list[Prediction]:
         """Top-k predictions for paths, PIL images, arrays or tensors (one or a list).
 
         An input that cannot be read gets a Prediction with ``error`` set; the rest are
         still predicted.
         """
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        results: list[Prediction | None] = []
-        batch, positions = [], []
-        for i, image in enumerate(images):
-            source = str(image) if isinstance(image, (str, Path)) else f"<input {i}>"
-            try:
-                batch.append(to_input_tensor(image, self.preprocessing))
-                positions.append(i)
-                results.append(Prediction(source, []))
-            except ImageReadError as e:
-                results.append(Prediction(source, [], error=str(e)))
-        if batch:
-            probs = self._logits(torch.stack(batch)).softmax(1).cpu()
-            k = min(top_k, len(self.classes))
-            values, indices = probs.topk(k, dim=1)
-            for row, i in enumerate(positions):
-                results[i].top = [
-                    (self.classes[j], float(p))
-                    for p, j in zip(values[row].tolist(), indices[row].tolist(), strict=True)
-                ]
-        return results
+        return predict_images(images, self.preprocessing, self.classes, self.probabilities, top_k)
 
 
 def load_run(path: str | Path, weights: str = "best", device: str = "auto") -> Run:

@@ -1,0 +1,297 @@
+"""``cnnkit export``: an ONNX file that a program without PyTorch can use correctly.
+
+The graph takes the natural input, uint8 images (N, C, H, W) or (N, H, W, C) at the
+model's input size, normalises them itself and returns class probabilities. Its metadata
+carries the class names, the preprocessing and the provenance, so the file alone is enough
+to predict. After export, ONNX Runtime's output is compared with PyTorch's on the
+validation images; a file that disagrees beyond a tight bound is refused.
+
+``quantize="int8"``: ONNX Runtime static quantization (QDQ, per-channel weights),
+calibrated on training images; its accuracy change and speed-up are measured.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+MAX_PROBABILITY_DIFFERENCE = 1e-4  # fp32 ONNX Runtime vs PyTorch: rounding only
+MIN_TOP1_AGREEMENT = 0.999
+METADATA_PREFIX = "cnnkit."
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported file does not reproduce the model's predictions."""
+
+
+class ImagesToProbabilities(nn.Module):
+    """uint8 images -> probabilities, with the run's normalisation inside the graph."""
+
+    def __init__(self, model: nn.Module, mean, std, layout: str = "nchw"):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        c = len(mean)
+        self.register_buffer("scale", (1 / (255 * torch.tensor(std))).view(1, c, 1, 1))
+        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, c, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if self.layout == "nhwc":
+            x = x.permute(0, 3, 1, 2)
+        return self.model(x * self.scale - self.shift).softmax(1)
+
+
+@dataclass
+class ExportResult:
+    path: str
+    layout: str
+    parity: dict
+    int8: dict | None = None
+    int8_path: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run(session, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    return np.concatenate(
+        [session.run(None, {name: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
+    )
+
+
+def _model_inputs(run, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NCHW images of a split at the model's input size, and their labels."""
+    from cnnkit.data.augment import center_crop
+    from cnnkit.train.api import load_data
+
+    data = load_data(
+        run.config, None, split_file=run.path / "split.json", preprocessing=run.preprocessing
+    )
+    part = data.split(split if split != "val" or data.val is not None else "train")
+    images = part.images[:limit] if limit else part.images
+    size = tuple(run.preprocessing["size"])
+    if tuple(images.shape[-2:]) != size:
+        images = center_crop(images, size)
+    return np.ascontiguousarray(images.numpy()), part.labels[: len(images)].numpy()
+
+
+def _to_layout(images: np.ndarray, layout: str) -> np.ndarray:
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if layout == "nhwc" else images
+
+
+def write_metadata(path: Path, entries: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in entries.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = METADATA_PREFIX + key, json.dumps(value)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: str | Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        p.key.removeprefix(METADATA_PREFIX): json.loads(p.value)
+        for p in model.metadata_props
+        if p.key.startswith(METADATA_PREFIX)
+    }
+
+
+def parity(session, wrapper: nn.Module, images: np.ndarray, layout: str) -> dict:
+    """Top-1 agreement and the largest probability difference, ONNX Runtime vs PyTorch."""
+    onnx_probs = _run(session, _to_layout(images, layout))
+    with torch.no_grad():
+        torch_probs = torch.cat(
+            [
+                wrapper(torch.from_numpy(_to_layout(images[i : i + 256], layout)))
+                for i in range(0, len(images), 256)
+            ]
+        ).numpy()
+    return {
+        "images": len(images),
+        "top1_agreement": float((onnx_probs.argmax(1) == torch_probs.argmax(1)).mean()),
+        "max_probability_difference": float(np.abs(onnx_probs - torch_probs).max()),
+    }
+
+
+def _images_per_second(fn, images: np.ndarray, batch: int, seconds: float = 1.0) -> float:
+    x = images[:batch]
+    fn(x)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn(x)
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> None:
+    """Static int8 quantization, calibrated on ``calibration`` (model-layout uint8 images)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str):
+            self.batches = iter(
+                [{name: calibration[i : i + 32]} for i in range(0, len(calibration), 32)]
+            )
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = out_path.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        name = _session(prepared).get_inputs()[0].name
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            Reader(name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def export_onnx(
+    run,
+    path: str | Path | None = None,
+    *,
+    layout: str = "nchw",
+    quantize: str | None = None,
+    calibration_images: int = 512,
+    check_images: int | None = 2000,
+) -> ExportResult:
+    """Export a run to ONNX, verify it against PyTorch, optionally quantize to int8."""
+    import warnings
+
+    from cnnkit import __version__
+
+    if layout not in ("nchw", "nhwc"):
+        raise ValueError(f"layout must be nchw or nhwc, got '{layout}'")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be int8, got '{quantize}'")
+    path = Path(path) if path else run.path / "model.onnx"
+    model = run.model.to("cpu").eval().to(memory_format=torch.contiguous_format)
+    pre = run.preprocessing
+    wrapper = ImagesToProbabilities(model, pre["mean"], pre["std"], layout).eval()
+    c, (h, w) = pre["channels"], pre["size"]
+    dummy = torch.zeros((1, c, h, w) if layout == "nchw" else (1, h, w, c), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
+        torch.onnx.export(
+            wrapper,
+            (dummy,),
+            str(path),
+            input_names=["images"],
+            output_names=["probabilities"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+        )
+    metadata = {
+        "classes": run.classes,
+        "preprocessing": {
+            **pre,
+            "layout": layout,
+            "input_dtype": "uint8",
+            "normalised_in_graph": True,
+        },
+        "provenance": {
+            "cnnkit": __version__,
+            "torch": str(torch.__version__),
+            "run": str(run.path),
+            "model": run.config.model.name,
+            "data": run.config.data.name,
+            "checkpoint_epoch": run.checkpoint_info.get("epoch"),
+            "checkpoint_created": run.checkpoint_info.get("created"),
+        },
+    }
+    write_metadata(path, metadata)
+
+    val_images, val_labels = _model_inputs(run, "val", check_images)
+    check = parity(_session(path), wrapper, val_images, layout)
+    result = ExportResult(str(path), layout, check)
+    ok = (
+        check["max_probability_difference"] <= MAX_PROBABILITY_DIFFERENCE
+        and check["top1_agreement"] >= MIN_TOP1_AGREEMENT
+    )
+    if quantize == "int8" and ok:
+        result.int8_path = str(path.with_name(path.stem + "-int8.onnx"))
+        calib, _ = _model_inputs(run, "train", calibration_images)
+        quantize_int8(path, Path(result.int8_path), _to_layout(calib, layout))
+        write_metadata(Path(result.int8_path), {**metadata, "quantization": "int8 static"})
+        result.int8 = _int8_report(
+            path, Path(result.int8_path), wrapper, _to_layout(val_images, layout), val_labels
+        )
+    (path.with_suffix(".json")).write_text(json.dumps(result.to_dict(), indent=2))
+    if not ok:
+        path.rename(path.with_suffix(".rejected.onnx"))
+        raise ExportMismatchError(
+            f"the ONNX export disagrees with the model on {check['images']} validation "
+            f"images: top-1 agreement {check['top1_agreement']:.4%}, largest probability "
+            f"difference {check['max_probability_difference']:.2e} (bounds "
+            f"{MIN_TOP1_AGREEMENT:.1%}, {MAX_PROBABILITY_DIFFERENCE:.0e}). The file was kept as "
+            f"{path.with_suffix('.rejected.onnx')} for inspection."
+        )
+    return result
+
+
+def _int8_report(
+    fp32: Path, int8: Path, wrapper: nn.Module, images: np.ndarray, labels: np.ndarray
+) -> dict:
+    s32, s8 = _session(fp32), _session(int8)
+    p32, p8 = _run(s32, images), _run(s8, images)
+    name = s32.get_inputs()[0].name
+
+    def torch_fn(x):
+        with torch.no_grad():
+            return wrapper(torch.from_numpy(x))
+
+    speed = {}
+    for batch in (1, 32):
+        speed[f"batch_{batch}"] = {
+            "torch": round(_images_per_second(torch_fn, images, batch)),
+            "onnx_fp32": round(
+                _images_per_second(lambda x: s32.run(None, {name: x}), images, batch)
+            ),
+            "onnx_int8": round(
+                _images_per_second(lambda x: s8.run(None, {name: x}), images, batch)
+            ),
+        }
+    acc32, acc8 = float((p32.argmax(1) == labels).mean()), float((p8.argmax(1) == labels).mean())
+    return {
+        "images": len(images),
+        "accuracy_fp32": acc32,
+        "accuracy_int8": acc8,
+        "accuracy_change_points": (acc8 - acc32) * 100,
+        "top1_agreement_with_fp32": float((p8.argmax(1) == p32.argmax(1)).mean()),
+        "images_per_s": speed,
+        "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
+    }

@@ -1,0 +1,54 @@
+"""Predicting with an exported ONNX file alone: classes and preprocessing come from its
+metadata, the normalisation is inside the graph, ONNX Runtime runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnkit.predict import Prediction, predict_images
+
+
+class OnnxModel:
+    """``OnnxModel("model.onnx").predict(["cat.jpg"])``, like ``Run.predict``."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        from .export import read_metadata
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX file not found: {self.path}")
+        meta = read_metadata(self.path)
+        if "classes" not in meta or "preprocessing" not in meta:
+            raise ValueError(
+                f"{self.path}: no cnnkit metadata (classes, preprocessing); "
+                "export it with 'cnnkit export'"
+            )
+        self.classes: list[str] = meta["classes"]
+        self.preprocessing: dict = meta["preprocessing"]
+        self.provenance: dict = meta.get("provenance", {})
+        self.metadata = meta
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __repr__(self) -> str:
+        return f"OnnxModel('{self.path}', {len(self.classes)} classes)"
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """Class probabilities of uint8 images (N, C, H, W) at the model's input size."""
+        x = images.cpu().numpy()
+        if self.preprocessing.get("layout") == "nhwc":
+            x = x.transpose(0, 2, 3, 1)
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x)})[0]
+
+    def predict(self, images, top_k: int = 5) -> list[Prediction]:
+        return predict_images(images, self.preprocessing, self.classes, self.probabilities, top_k)
