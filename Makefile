@@ -30,6 +30,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/seed_mnist.py
 	$(BIN)/python benchmarks/folder_pipeline.py
+	$(BIN)/python benchmarks/serve_load.py

@@ -14,7 +14,7 @@ from cnnkit.predict import Prediction, predict_images
 class OnnxModel:
     """``OnnxModel("model.onnx").predict(["cat.jpg"])``, like ``Run.predict``."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True):
         import onnxruntime as ort
 
         from .export import read_metadata
@@ -35,6 +35,9 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:  # idle worker threads sleep instead of busy-waiting (for servers)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(self.path), options, providers=["CPUExecutionProvider"]
         )

@@ -4,11 +4,14 @@ Endpoints: ``POST /v1/predict`` (multipart files or a raw image body), ``POST /v
 (Grad-CAM, when serving a run), ``GET /v1/model``, ``GET /healthz``, ``GET /metrics``
 (Prometheus text), ``GET /docs`` (OpenAPI) and ``GET /`` (the page).
 
-Requests that arrive together are batched: a request waits at most ``max_wait_ms`` for
-others, up to ``max_batch`` images run as one batch in a worker thread, so the event loop
-keeps accepting requests. Inputs are checked before they are decoded in full: bodies over
-``max_upload_bytes`` and images over ``max_pixels`` get 413, non-images 415, truncated or
-corrupt images 422; each file of a batch gets its own result.
+Requests that arrive together are batched: what queued up while the previous batch ran
+goes into the next one, topped up for at most ``max_wait_ms`` when several arrive at once
+(a lone request never waits); up to ``max_batch`` images run as one batch in a worker
+thread, so the event loop keeps accepting requests.
+
+Inputs are checked before they are decoded in full: bodies over ``max_upload_bytes`` and
+images over ``max_pixels`` get 413, non-images 415, truncated or corrupt images 422; each
+file of a batch gets its own result.
 """
 
 from __future__ import annotations
@@ -62,7 +65,13 @@ class Predictor:
         if backend == "torch" and path.suffix == ".onnx":
             raise ValueError("an ONNX file runs on the onnx backend")
         self.backend, self.path = backend, path
-        self.model = cnnkit.load(path) if backend == "onnx" else cnnkit.load_run(path)
+        if backend == "onnx":
+            from cnnkit.deploy.onnx_model import OnnxModel
+
+            # No busy-waiting worker threads: they would take the CPU from the HTTP server.
+            self.model = OnnxModel(path, spinning=False)
+        else:
+            self.model = cnnkit.load_run(path)
         self.classes: list[str] = self.model.classes
         self.preprocessing: dict = self.model.preprocessing
         self.can_explain = backend == "torch"
@@ -166,8 +175,12 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             items = [await self.queue.get()]
+            # Take what queued up while the last batch ran. Wait for more only when requests
+            # are evidently arriving together: a lone request is never delayed.
+            while len(items) < self.max_batch and not self.queue.empty():
+                items.append(self.queue.get_nowait())
             deadline = loop.time() + self.max_wait
-            while len(items) < self.max_batch:
+            while 1 < len(items) < self.max_batch:
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
