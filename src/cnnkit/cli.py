@@ -202,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="check: near duplicates differ in at most this many of 64 hash bits",
     )
 
+    p = sub.add_parser(
+        "bench",
+        help="speed and accuracy of the recipes next to the peers",
+        description="Runs the tutorial recipe, the same recipe as typical "
+        "PyTorch DataLoader code, the Keras tutorial (with --keras-python), and "
+        "the fast recipes over seeds; one JSON line per measurement.",
+    )
+    p.add_argument(
+        "--only",
+        help="comma-separated: tutorial, pytorch-dataloader, keras, mnist-fast, fashion-mnist-fast",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="runs per fast recipe (default 3)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs of the tutorial and peers")
+    p.add_argument("--keras-python", help="a Python with TensorFlow for the Keras peer")
+
     p = sub.add_parser("models", help="models you can train, with parameter counts")
     p.add_argument("--spec-help", action="store_true", help="explain the layer-spec grammar")
     return parser
@@ -544,6 +559,37 @@ def _check(args, con) -> int:
     return 1 if report.errors else 0
 
 
+def cmd_bench(args) -> int:
+    from cnnkit.bench import bench
+
+    results = bench(
+        only=args.only.split(",") if args.only else None,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        keras_python=args.keras_python,
+    )
+    t = _table("cnnkit bench", "measurement", "train seconds", "images/s", "test accuracy")
+    for name, r in results.items():
+        if "train_seconds_median" in r:
+            t.add_row(
+                f"{name} (median of {r['runs']})",
+                f"{r['train_seconds_median']:.1f} ({r['train_seconds_min']:.1f}-"
+                f"{r['train_seconds_max']:.1f})",
+                "-",
+                f"{r['test_accuracy_mean']:.2%} ({r['test_accuracy_min']:.2%}-"
+                f"{r['test_accuracy_max']:.2%})",
+            )
+        else:
+            t.add_row(
+                name,
+                f"{r['train_seconds']:.1f}",
+                f"{r['images_per_s']:,}",
+                f"{r['test_accuracy']:.2%}",
+            )
+    _console().print(t)
+    return 0
+
+
 def cmd_models(args) -> int:
     from cnnkit.models import SPEC_HELP, create_model, list_models
 
@@ -584,6 +630,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "predict": cmd_predict,
     "datasets": cmd_datasets,
+    "bench": cmd_bench,
     "models": cmd_models,
 }
 

