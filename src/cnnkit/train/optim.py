@@ -32,10 +32,14 @@ def build_optimizer(
     groups = param_groups or decay_groups(list(model.parameters()), lr, cfg.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    # The fused kernels update all parameters in one pass: about 15% faster training steps
+    # for the tutorial CNN on a 2-core CPU (measured, benchmarks/RESULTS.md); CPU and CUDA.
+    device = groups[0]["params"][0].device.type
+    fused = True if device in ("cpu", "cuda") else None
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'; choose adam, adamw or sgd")
