@@ -28,7 +28,13 @@ from torch import nn
 from cnnkit.config import Config
 from cnnkit.data.augment import train_transform
 from cnnkit.data.memory import DataSplits, Normalizer
-from cnnkit.device import autocast, inference_batch_size, resolve_precision, use_channels_last
+from cnnkit.device import (
+    autocast,
+    inference_batch_size,
+    resolve_precision,
+    tune_allocator,
+    use_channels_last,
+)
 from cnnkit.inference import batched_logits
 from cnnkit.train.checkpoint import save_checkpoint
 from cnnkit.train.hooks import Hook
@@ -169,6 +175,7 @@ def fit(
     what the checkpoints save, when ``model`` is a part of it (a head trained on cached
     backbone features).
     """
+    tune_allocator()
     tc, oc = cfg.train, cfg.optim
     stage = stage or Stage(epochs=tc.epochs, augment=cfg.data.augment, lr=oc.lr)
     saved_model = checkpoint_model or model
