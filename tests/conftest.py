@@ -83,3 +83,22 @@ def make_photos(root: Path, per_class: int = 12, size=(40, 30)) -> Path:
             a = np.clip(np.array(rgb) + noise[:h, :w], 0, 255).astype(np.uint8)
             Image.fromarray(a).save(path)
     return root
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium, driven by playwright (never a downloaded browser)."""
+    chromium = Path("/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not chromium.exists():
+        message = "needs the playwright package and Debian's chromium"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
+        yield b
+        b.close()

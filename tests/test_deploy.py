@@ -236,38 +236,23 @@ def live_server(tiny_run):
     thread.join(10)
 
 
-def test_web_page_in_chromium(live_server, tiny_run, digits, tmp_path):
-    import os
-
-    chromium = Path("/usr/bin/chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if sync_playwright is None or not chromium.exists():
-        if os.environ.get("CI"):
-            pytest.fail("needs playwright and Debian's chromium")
-        pytest.skip("needs playwright and Debian's chromium")
+def test_web_page_in_chromium(browser, live_server, tiny_run, digits, tmp_path):
     # a digit the model gets right, as a person would upload it: a PNG file
     png, label = next(
         (p, lb) for p, lb in digits if tiny_run.predict(Image.open(io.BytesIO(p)))[0].label == lb
     )
     path = tmp_path / f"digit-{label}.png"
     path.write_bytes(png)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
-        page = browser.new_page()
-        page.goto(live_server)
-        page.wait_for_function("document.getElementById('info').textContent.includes('classes')")
-        page.set_input_files("#file", str(path))
-        page.wait_for_function(
-            "!['', '...'].includes(document.getElementById('label').textContent)"
-        )
-        assert page.inner_text("#label") == label
-        assert page.locator("#bars .bar").count() == 5
-        page.check("#cam-toggle")
-        page.wait_for_function("document.getElementById('overlay').src.startsWith('data:')")
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
-        browser.close()
+    page = browser.new_page()
+    page.goto(live_server)
+    page.wait_for_function("document.getElementById('info').textContent.includes('classes')")
+    page.set_input_files("#file", str(path))
+    page.wait_for_function("!['', '...'].includes(document.getElementById('label').textContent)")
+    assert page.inner_text("#label") == label
+    assert page.locator("#bars .bar").count() == 5
+    page.check("#cam-toggle")
+    page.wait_for_function("document.getElementById('overlay').src.startsWith('data:')")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
+    page.close()
     assert np.asarray(Image.open(ARTIFACTS / "serve-page.png")).std() > 0

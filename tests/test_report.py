@@ -1,14 +1,11 @@
 """The report, opened in a real headless Chromium (Debian's), checked against report.json."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 import cnnkit
 
-CHROMIUM = Path("/usr/bin/chromium")
 SECTIONS = [
     "run",
     "curves",
@@ -19,23 +16,6 @@ SECTIONS = [
     "mistakes",
     "correct",
 ]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if sync_playwright is None or not CHROMIUM.exists():
-        message = "needs the playwright package and Debian's chromium"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def check_page(browser, run) -> tuple[dict, object]:
