@@ -344,9 +344,16 @@ def create_app(
             {"error": {"status": e.status, "message": e.message}}, status_code=e.status
         )
 
+    page_html = (
+        Path(__file__)
+        .with_name("page.html")
+        .read_text()
+        .replace("__TITLE__", f"cnnkit: {len(predictor.classes)} classes")
+    )
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return PAGE.replace("__TITLE__", f"cnnkit: {len(predictor.classes)} classes")
+        return page_html
 
     @app.get("/healthz")
     async def healthz():
@@ -425,76 +432,3 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, **k
     import uvicorn
 
     uvicorn.run(create_app(model_path, **kwargs), host=host, port=port, log_level="info")
-
-
-PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1"><title>__TITLE__</title>
-<style>
-body{font:16px/1.4 system-ui,sans-serif;max-width:760px;margin:2em auto;padding:0 1em;
-color:#1d232a}
-#drop{border:2px dashed #9aa7b4;border-radius:10px;padding:2em;text-align:center;
-cursor:pointer;background:#f7f9fb}#drop.over{background:#e8f1fb;border-color:#4c9be8}
-#view{display:flex;gap:1.5em;margin-top:1.5em;align-items:flex-start;flex-wrap:wrap}
-#view img{width:224px;height:224px;object-fit:contain;background:#111;border-radius:6px;
-image-rendering:pixelated}.bar{display:flex;align-items:center;gap:.5em;margin:.3em 0}
-.bar span.name{width:9em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.bar .track{flex:1;background:#e5e9ee;border-radius:4px;height:1.1em;min-width:140px}
-.bar .fill{background:#4c9be8;height:100%;border-radius:4px}#label{font-size:1.6em;
-font-weight:600}#error{color:#b3361b;margin-top:1em}.muted{color:#66707a}
-</style></head><body>
-<h1>Image classifier</h1><p class="muted" id="info">loading model&hellip;</p>
-<div id="drop" tabindex="0">Drop an image here, paste one, or <u>choose a file</u>
-<input id="file" type="file" accept="image/*" hidden></div>
-<div id="error" role="alert"></div>
-<div id="view" hidden><div><img id="preview" alt="your image"><img id="overlay"
-alt="Grad-CAM overlay" hidden><br><label id="cam-label" hidden><input type="checkbox"
-id="cam-toggle"> show Grad-CAM</label></div>
-<div><div id="label"></div><div id="bars"></div></div></div>
-<script>
-const $ = id => document.getElementById(id);
-let info = null, current = null;
-fetch("v1/model").then(r => r.json()).then(m => { info = m;
-  $("info").textContent = m.classes.length + " classes (" + m.classes.slice(0, 8).join(", ")
-    + (m.classes.length > 8 ? ", ..." : "") + ") - " + m.backend + " backend"; });
-function show(file) {
-  current = file; $("error").textContent = ""; $("view").hidden = false;
-  $("preview").src = URL.createObjectURL(file); $("overlay").hidden = true;
-  $("preview").hidden = false; $("cam-toggle").checked = false;
-  $("label").textContent = "..."; $("bars").innerHTML = "";
-  const form = new FormData(); form.append("files", file);
-  fetch("v1/predict", {method: "POST", body: form}).then(r => r.json()).then(res => {
-    const p = res.predictions ? res.predictions[0] : null;
-    if (!p || p.error) { $("label").textContent = "";
-      $("error").textContent = p ? p.error.message : res.error.message; return; }
-    $("label").textContent = p.label;
-    for (const t of p.top) {
-      const row = document.createElement("div"); row.className = "bar";
-      row.innerHTML = '<span class="name"></span><div class="track"><div class="fill">' +
-        '</div></div><span class="pct"></span>';
-      row.querySelector(".name").textContent = t.class;
-      row.querySelector(".fill").style.width = (100 * t.probability).toFixed(1) + "%";
-      row.querySelector(".pct").textContent = (100 * t.probability).toFixed(1) + "%";
-      $("bars").appendChild(row); }
-    $("cam-label").hidden = !(info && info.explain);
-  }).catch(e => { $("error").textContent = "request failed: " + e; });
-}
-$("cam-toggle").onchange = () => {
-  const on = $("cam-toggle").checked;
-  if (on && !$("overlay").dataset.for) {
-    const form = new FormData(); form.append("files", current);
-    fetch("v1/explain", {method: "POST", body: form}).then(r => r.json()).then(res => {
-      $("overlay").src = res.overlay; $("overlay").dataset.for = "1"; });
-  }
-  $("overlay").hidden = !on; $("preview").hidden = on;
-};
-$("preview").onload = () => { delete $("overlay").dataset.for; };
-$("drop").onclick = () => $("file").click();
-$("file").onchange = e => e.target.files[0] && show(e.target.files[0]);
-$("drop").ondragover = e => { e.preventDefault(); $("drop").classList.add("over"); };
-$("drop").ondragleave = () => $("drop").classList.remove("over");
-$("drop").ondrop = e => { e.preventDefault(); $("drop").classList.remove("over");
-  if (e.dataTransfer.files[0]) show(e.dataTransfer.files[0]); };
-document.onpaste = e => { for (const item of e.clipboardData.items)
-  if (item.type.startsWith("image/")) { show(item.getAsFile()); break; } };
-</script></body></html>
-"""

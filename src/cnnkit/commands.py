@@ -1,0 +1,402 @@
+"""What each ``cnnkit`` command does: call the API, print the result. Parsing is in cli.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_train(args) -> int:
+    import cnnkit
+    from cnnkit.config import Config, apply_overrides, load_config
+    from cnnkit.train.loop import TrainingInterrupted
+
+    settings = {k: v for k, v in vars(args).items() if "." in k}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        settings[key.strip()] = value.strip()
+    try:
+        if args.resume:
+            if args.config:
+                raise ValueError("--config cannot be combined with --resume")
+            run = cnnkit.resume(args.resume, quiet=args.quiet, **settings)
+        else:
+            recipe = load_config(args.config) if args.config else {}
+            cfg = apply_overrides(apply_overrides(Config(), recipe), settings)
+            run = cnnkit.train(cfg, overwrite=args.overwrite, quiet=args.quiet)
+    except TrainingInterrupted as e:
+        run_dir = e.checkpoint.parent
+        print(
+            f"\nInterrupted at epoch {e.epoch + 1}, step {e.step}/{e.steps}. "
+            f"Saved {e.checkpoint}.\nResume with: cnnkit train --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    if args.quiet:  # scripts still learn where the run is and how it ended
+        last = run.history[-1]
+        val = f"val acc {last['val_acc']:.4f}" if last["val_acc"] is not None else "no val"
+        print(f"{run.path}: {len(run.history)} epochs, {val}")
+    return 0
+
+
+def _table(title: str | None, *columns: str, text_columns: int = 1):
+    """A rich table whose first ``text_columns`` columns are left-aligned, the rest numbers."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for i, c in enumerate(columns):
+        # fold, never elide: a path or class name cut to "..." is information lost
+        t.add_column(c, justify="left" if i < text_columns else "right", overflow="fold")
+    return t
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def cmd_evaluate(args) -> int:
+    import cnnkit
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    report = run.evaluate(split=args.split)
+    if args.tta:
+        plain, report = report, run.evaluate(split=args.split, tta=True, save=False)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    con = _console()
+    epoch = run.checkpoint_info["epoch"]
+    con.print(
+        f"[bold]{run.path}[/]: {run.config.model.name} on {run.config.data.name}, "
+        f"{args.weights}.pt (epoch {epoch}), {report.split} split, "
+        f"{report.num_images:,} images"
+    )
+    topk = "  ".join(f"top-{k} {v:.2%}" for k, v in report.top_k.items() if k > 1)
+    con.print(f"accuracy [bold]{report.accuracy:.2%}[/]  {topk}  loss {report.loss:.4f}")
+    t = _table(None, "class", "precision", "recall", "f1", "support")
+    pc = report.per_class
+    for i, name in enumerate(report.classes):
+        t.add_row(
+            name,
+            f"{pc['precision'][i]:.4f}",
+            f"{pc['recall'][i]:.4f}",
+            f"{pc['f1'][i]:.4f}",
+            f"{pc['support'][i]:,}",
+        )
+    t.add_section()
+    for label, avg in (("macro avg", report.macro), ("weighted avg", report.weighted)):
+        t.add_row(
+            label,
+            f"{avg['precision']:.4f}",
+            f"{avg['recall']:.4f}",
+            f"{avg['f1']:.4f}",
+            f"{report.num_images:,}",
+        )
+    con.print(t)
+    if args.tta:
+        con.print(
+            f"test-time augmentation: accuracy {report.accuracy:.2%} vs {plain.accuracy:.2%}"
+            f" plain, a gain of {(report.accuracy - plain.accuracy) * 100:+.2f} points "
+            "(the tables show the TTA numbers)"
+        )
+    for warning in report.warnings:
+        con.print(f"[yellow]warning[/] {warning}")
+    if len(report.classes) <= 20:
+        cm = _table(
+            "confusion matrix (rows: true class, columns: predicted)",
+            "true \\ pred",
+            *report.classes,
+        )
+        for name, row in zip(report.classes, report.confusion_matrix, strict=True):
+            cm.add_row(name, *(str(v) for v in row))
+        con.print(cm)
+    con.print(
+        f"saved {run.path / f'eval-{report.split}.json'}, "
+        f"{run.path / 'confusion_matrix.png'}, {run.path / 'curves.png'}"
+    )
+    return 0
+
+
+def cmd_report(args) -> int:
+    import cnnkit
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    html_path, json_path = run.report(split=args.split, gallery=args.gallery)
+    report = json.loads(json_path.read_text())
+    m = report["metrics"]
+    print(
+        f"{report['split']} accuracy {m['accuracy']:.2%}, macro F1 {m['macro_avg']['f1']:.4f}, "
+        f"ECE {report['calibration']['ece']:.4f}; diagnosis: "
+        + ", ".join(v["verdict"] for v in report["diagnosis"])
+    )
+    print(f"wrote {html_path} and {json_path}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    import cnnkit
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    out = Path(args.out) if args.out else run.path / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path, (pred, image) in zip(
+        args.files, run.explain(args.files, layer=args.layer), strict=True
+    ):
+        if pred.error:
+            print(f"error: {pred.error}", file=sys.stderr)
+            failed += 1
+            continue
+        target = out / f"{Path(path).stem}-gradcam.png"
+        image.save(target)
+        print(f"{path}: {pred.label} {pred.top[0][1]:.1%} -> {target}")
+    return 1 if failed else 0
+
+
+def cmd_compare(args) -> int:
+    from cnnkit.evaluate.compare import compare_runs
+
+    result = compare_runs(args.runs, split=args.split, plot=args.out)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    con = _console()
+    if result["differences"]:
+        t = _table(
+            "settings that differ",
+            "setting",
+            *[Path(r).name for r in args.runs],
+            text_columns=1 + len(args.runs),
+        )
+        for key, values in result["differences"].items():
+            t.add_row(key, *(str(v) for v in values))
+        con.print(t)
+    t = _table(
+        f"results ({result['split']} split; * best)",
+        "run",
+        "accuracy",
+        "macro F1",
+        "parameters",
+        "train time",
+        "images/s",
+        "epochs",
+    )
+    for r in result["runs"]:
+        mark = " *" if r["run"] == result["best"] else ""
+        t.add_row(
+            Path(r["run"]).name + mark,
+            f"{r['accuracy']:.2%}",
+            f"{r['macro_f1']:.4f}",
+            f"{r['parameters']:,}",
+            f"{r['training_seconds']:.1f}s",
+            f"{r['images_per_s']:,.0f}" if r["images_per_s"] else "-",
+            str(r["epochs"]),
+        )
+    con.print(t)
+    con.print(f"validation curves: {result['plot']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import cnnkit
+    from cnnkit.deploy.export import export_onnx
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    result = export_onnx(run, args.out, layout=args.layout, quantize=args.quantize)
+    check = result.parity
+    print(
+        f"wrote {result.path} (uint8 {args.layout.upper()} input, normalisation, classes "
+        "and provenance inside)"
+    )
+    print(
+        f"checked on {check['images']:,} validation images with ONNX Runtime: top-1 "
+        f"agreement {check['top1_agreement']:.2%}, largest probability difference "
+        f"{check['max_probability_difference']:.1e}"
+    )
+    if result.int8:
+        q = result.int8
+        speed = q["images_per_s"]["batch_32"]
+        print(
+            f"wrote {result.int8_path}: accuracy {q['accuracy_int8']:.2%} vs "
+            f"{q['accuracy_fp32']:.2%} fp32 ({q['accuracy_change_points']:+.2f} points); "
+            f"images/s at batch 32: torch {speed['torch']:,}, ONNX fp32 "
+            f"{speed['onnx_fp32']:,}, int8 {speed['onnx_int8']:,}; size "
+            f"{q['size_bytes']['fp32'] / 1e6:.2f} -> {q['size_bytes']['int8'] / 1e6:.2f} MB"
+        )
+    print(f"details: {Path(result.path).with_suffix('.json')}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from cnnkit.deploy.serve import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=args.max_pixels,
+    )
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import cnnkit
+
+    if args.run.endswith(".onnx"):
+        run = cnnkit.load(args.run)
+    else:
+        run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    results = run.predict(args.files, top_k=args.top_k)
+    failed = [r for r in results if r.error]
+    if args.json:
+        print(
+            json.dumps(
+                {"run": str(run.path), "predictions": [r.to_dict() for r in results]}, indent=2
+            )
+        )
+    else:
+        for r in results:
+            if r.error:
+                print(f"error: {r.error}", file=sys.stderr)
+            else:
+                top = ", ".join(f"{c} {p:.1%}" for c, p in r.top)
+                print(f"{r.source}: {r.label}  ({top})")
+    return 1 if failed else 0
+
+
+def cmd_datasets(args) -> int:
+    from cnnkit.data import BUILTINS, builtin, is_available, load_dataset
+
+    con = _console()
+    if args.action == "list":
+        t = _table("built-in data sets", "name", "what", "image", "local copy", text_columns=4)
+        for spec in BUILTINS.values():
+            where = is_available(spec, args.data_dir)
+            t.add_row(
+                spec.name,
+                spec.title,
+                "x".join(map(str, spec.shape)),
+                str(where) if where else f"no (downloads from {spec.mirrors[0]})",
+            )
+        con.print(t)
+        con.print(
+            "Search order: --data-dir, $CNNKIT_DATA, /usr/share/datasets, "
+            "~/.cache/cnnkit/datasets, then download (unless CNNKIT_OFFLINE=1)."
+        )
+        return 0
+    if not args.name:
+        raise ValueError(
+            f"usage: cnnkit datasets {args.action} {'NAME' if args.action == 'info' else 'PATH'}"
+        )
+    if args.action == "check":
+        return _check(args, con)
+    spec = builtin(args.name)
+    data = load_dataset(spec.name, data_dir=args.data_dir, val_split=0)
+    con.print(f"[bold]{spec.name}[/]: {spec.title}")
+    con.print(
+        f"images {'x'.join(map(str, data.shape))} uint8; train {len(data.train):,}, "
+        f"test {len(data.test):,}; mean {data.mean}, std {data.std} (training set)"
+    )
+    t = _table(None, "class", "index", "train", "test")
+    import torch
+
+    train_counts = torch.bincount(data.train.labels, minlength=len(data.classes)).tolist()
+    test_counts = torch.bincount(data.test.labels, minlength=len(data.classes)).tolist()
+    for i, name in enumerate(data.classes):
+        t.add_row(name, str(i), f"{train_counts[i]:,}", f"{test_counts[i]:,}")
+    con.print(t)
+    return 0
+
+
+def _check(args, con) -> int:
+    from cnnkit.data.doctor import check_dataset
+
+    report = check_dataset(args.name, near_bits=args.near_bits)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 1 if report.errors else 0
+    splits = list(report.counts)
+    t = _table(f"{report.root}: images per class", "class", *splits)
+    for i, name in enumerate(report.classes):
+        t.add_row(name, *(f"{report.counts[s][i]:,}" for s in splits))
+    con.print(t)
+    style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+    for f in report.findings:
+        con.print(f"[{style[f.level]}]{f.level}[/] {f.check}: {f.message}", soft_wrap=True)
+        for line in f.files[:5]:
+            con.print(f"    {line}", markup=False, soft_wrap=True)
+        if len(f.files) > 5:
+            con.print(f"    ... and {len(f.files) - 5} more (--json lists all)")
+    if not report.findings:
+        con.print("no problems found")
+    return 1 if report.errors else 0
+
+
+def cmd_bench(args) -> int:
+    from cnnkit.bench import bench
+
+    results = bench(
+        only=args.only.split(",") if args.only else None,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        keras_python=args.keras_python,
+    )
+    t = _table("cnnkit bench", "measurement", "train seconds", "images/s", "test accuracy")
+    for name, r in results.items():
+        if "train_seconds_median" in r:
+            t.add_row(
+                f"{name} (median of {r['runs']})",
+                f"{r['train_seconds_median']:.1f} ({r['train_seconds_min']:.1f}-"
+                f"{r['train_seconds_max']:.1f})",
+                "-",
+                f"{r['test_accuracy_mean']:.2%} ({r['test_accuracy_min']:.2%}-"
+                f"{r['test_accuracy_max']:.2%})",
+            )
+        else:
+            t.add_row(
+                name,
+                f"{r['train_seconds']:.1f}",
+                f"{r['images_per_s']:,}",
+                f"{r['test_accuracy']:.2%}",
+            )
+    _console().print(t)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from cnnkit.models import SPEC_HELP, create_model, list_models
+
+    con = _console()
+    if args.spec_help:
+        print(SPEC_HELP)
+        return 0
+    t = _table(
+        "models (parameter counts for 10 classes)",
+        "name",
+        "description",
+        "1x28x28",
+        "3x32x32",
+        text_columns=2,
+    )
+    for entry in list_models():
+        counts = []
+        for c, s in ((1, 28), (3, 32)):
+            m = create_model(entry.name, 10, c, (s, s))
+            counts.append(f"{sum(p.numel() for p in m.parameters()):,}")
+        t.add_row(entry.name, entry.description, *counts)
+    con.print(t)
+    con.print(
+        "Also: any timm architecture (resnet50, efficientnet_lite0, convnext_tiny, ...) or "
+        "torchvision one (tv:resnet50, ...), with ImageNet weights via --pretrained; or a "
+        "layer spec such as conv32-pool-conv64-pool-drop0.25-fc64 (cnnkit models --spec-help)."
+    )
+    return 0

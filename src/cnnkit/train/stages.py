@@ -1,0 +1,111 @@
+"""The stages of a run. From scratch: one. With a pretrained backbone: "head" trains a new
+classifier on the frozen backbone (on features computed once when nothing is augmented),
+then "finetune" unfreezes the backbone (or its last N blocks) with a lower, layer-wise
+decaying learning rate."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnkit.config import Config
+from cnnkit.data import DataSplits, ImageTensors
+from cnnkit.data.memory import Normalizer
+from cnnkit.device import autocast, use_channels_last
+from cnnkit.models.pretrained import BackboneClassifier
+from cnnkit.train.loop import Stage
+from cnnkit.train.optim import decay_groups
+
+
+def resolve_augment(cfg: Config, data: DataSplits, stage: str) -> str:
+    """'auto': none for the built-in sets (the tutorials' recipe); for photos, none while
+    the head trains on cached features, and 'photo' whenever the backbone learns."""
+    if cfg.data.augment != "auto":
+        return cfg.data.augment
+    if data.files is None:
+        return "none"
+    if stage == "head" and cfg.finetune.cache_features:
+        return "none"
+    return "photo"
+
+
+def plan_stages(cfg: Config, data: DataSplits, model: nn.Module) -> list[Stage]:
+    pretrained = cfg.model.pretrained or cfg.model.weights
+    if not (isinstance(model, BackboneClassifier) and pretrained):
+        return [Stage("train", cfg.train.epochs, resolve_augment(cfg, data, "train"), cfg.optim.lr)]
+    stages = [Stage("head", cfg.train.epochs, resolve_augment(cfg, data, "head"), cfg.optim.lr)]
+    ft = cfg.finetune
+    if not ft.freeze and ft.finetune_epochs > 0:
+        lr = ft.finetune_lr or cfg.optim.lr / 10
+        stages.append(
+            Stage("finetune", ft.finetune_epochs, resolve_augment(cfg, data, "finetune"), lr)
+        )
+    return stages
+
+
+def layerwise_groups(
+    model: BackboneClassifier, lr: float, decay: float, weight_decay: float
+) -> list[dict]:
+    """The head at ``lr``; each backbone block at ``decay`` times the rate of the one above
+    (early layers hold generic features that need the least change)."""
+    named = dict(model.backbone.named_parameters())
+    blocks = model.blocks()
+    groups = decay_groups(list(model.head.parameters()), lr, weight_decay)
+    for depth, names in enumerate(reversed(blocks), start=1):
+        groups += decay_groups([named[n] for n in names], lr * decay**depth, weight_decay)
+    return groups
+
+
+def prepare_stage(model: nn.Module, stage: Stage, cfg: Config) -> None:
+    """Freeze / unfreeze the backbone as the stage needs, and set its parameter groups."""
+    if not isinstance(model, BackboneClassifier):
+        return
+    if stage.name == "head":
+        model.freeze_backbone()
+    elif stage.name == "finetune":
+        if cfg.finetune.unfreeze:
+            model.freeze_backbone(keep_trainable_blocks=cfg.finetune.unfreeze)
+        else:
+            model.unfreeze()
+        stage.param_groups = layerwise_groups(
+            model, stage.lr, cfg.finetune.layer_decay, cfg.optim.weight_decay
+        )
+
+
+@torch.no_grad()
+def backbone_features(
+    model: BackboneClassifier,
+    data: DataSplits,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+) -> DataSplits:
+    """The same splits as pooled backbone features (N, D), computed once."""
+    model.to(device).eval()
+    channels_last = use_channels_last(model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    normalizer = Normalizer(data.mean, data.std, device, crop=data.input_size)
+
+    def features(part: ImageTensors | None) -> ImageTensors | None:
+        if part is None:
+            return None
+        out = []
+        for chunk in part.images.split(batch_size):
+            x = normalizer(chunk.to(device))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, dtype):
+                out.append(model.features(x).float())
+        return ImageTensors(torch.cat(out), part.labels)
+
+    return DataSplits(
+        data.name,
+        data.classes,
+        features(data.train),
+        features(data.val),
+        None,
+        data.mean,
+        data.std,
+        is_features=True,
+    )
