@@ -13,15 +13,13 @@ which costs a read of the files and no decoding.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .folder import list_images, plan_splits
+from .folder import list_images, map_in_workers, plan_splits
 
 MIN_PER_CLASS = 10  # fewer training images than this per class rarely gives a usable model
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this: consider --class-weights auto
@@ -100,11 +98,8 @@ def _examine(path: Path, split: str, label: int) -> FileFacts:
     data = path.read_bytes() if path.is_file() else b""
     facts = FileFacts(str(path), split, label, hashlib.sha1(data).hexdigest())
     try:
-        from PIL import Image
-
-        with Image.open(path) as raw:
-            facts.mode = raw.mode
-        im = open_image(path, draft=64)
+        im = open_image(path, draft=64)  # keeps the file's mode (the draft is RGB/L only)
+        facts.mode = im.mode
         facts.width, facts.height = im.size
         facts.dhash = difference_hash(im)
     except ImageReadError as e:
@@ -114,27 +109,8 @@ def _examine(path: Path, split: str, label: int) -> FileFacts:
     return facts
 
 
-class _Examine(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return _examine(*self.items[i])
-
-
 def examine_files(items: list[tuple[Path, str, int]], workers: int | None = None):
-    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-    loader = torch.utils.data.DataLoader(
-        _Examine(items),
-        batch_size=32,
-        num_workers=workers,
-        collate_fn=lambda b: b,
-        multiprocessing_context="fork" if workers else None,
-    )
-    return [facts for batch in loader for facts in batch]
+    return list(map_in_workers(_examine, items, workers, chunk=32))
 
 
 def _clusters(pairs: list[tuple[int, int]], n: int) -> list[list[int]]:

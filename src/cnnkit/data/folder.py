@@ -149,24 +149,39 @@ def decode_one(path: Path, channels: int, size: int) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-class _DecodeJob(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], channels: int, size: int):
-        self.paths, self.channels, self.size = paths, channels, size
+def _decode_or_error(path: Path, channels: int, size: int) -> tuple[np.ndarray | None, str]:
+    try:
+        return decode_one(path, channels, size), ""
+    except ImageReadError as e:
+        return None, str(e)
+    except Exception as e:  # a decoder bug must not end the whole data set
+        return None, f"{path}: cannot decode image ({type(e).__name__}: {e})"
+
+
+class _Map(torch.utils.data.Dataset):
+    def __init__(self, fn, items):
+        self.fn, self.items = fn, items
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, i: int):
-        try:
-            return i, decode_one(self.paths[i], self.channels, self.size), ""
-        except ImageReadError as e:
-            return i, None, str(e)
-        except Exception as e:  # a decoder bug must not end the whole data set
-            return i, None, f"{self.paths[i]}: cannot decode image ({type(e).__name__}: {e})"
+        return self.fn(*self.items[i])
 
 
-def _collate(batch):
-    return batch
+def map_in_workers(fn, items: list[tuple], workers: int | None = None, chunk: int = 16):
+    """``fn(*item)`` for every item, in order, computed in forked worker processes
+    (a DataLoader does the scheduling); ``workers=0`` runs in this process."""
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        _Map(fn, items),
+        batch_size=chunk,
+        num_workers=workers,
+        collate_fn=lambda b: b,
+        multiprocessing_context="fork" if workers else None,
+    )
+    for batch in loader:
+        yield from batch
 
 
 def content_key(paths: list[Path], channels: int, size: int) -> str:
@@ -211,7 +226,6 @@ def decode_images(
         return DecodedImages(_load(array_path, budget), meta["kept"], meta["errors"], 0.0, True)
 
     cache.mkdir(parents=True, exist_ok=True)
-    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     n = len(paths)
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{key}.", suffix=".npy")
     os.close(fd)
@@ -222,20 +236,13 @@ def decode_images(
         )
         ok = np.zeros(n, dtype=bool)
         errors: list[str] = []
-        loader = torch.utils.data.DataLoader(
-            _DecodeJob(paths, channels, size),
-            batch_size=16,
-            num_workers=workers,
-            collate_fn=_collate,
-            multiprocessing_context="fork" if workers else None,
-        )
-        for batch in loader:
-            for i, a, err in batch:
-                if a is None:
-                    errors.append(err)
-                else:
-                    out[i] = a
-                    ok[i] = True
+        jobs = [(p, channels, size) for p in paths]
+        for i, (a, err) in enumerate(map_in_workers(_decode_or_error, jobs, workers)):
+            if a is None:
+                errors.append(err)
+            else:
+                out[i] = a
+                ok[i] = True
         seconds = time.perf_counter() - t0
         kept = np.flatnonzero(ok).tolist()
         if len(kept) < n:  # compact: keep only the images that decoded
