@@ -251,10 +251,7 @@ def cmd_serve(args) -> int:
 def cmd_predict(args) -> int:
     import cnnkit
 
-    if args.run.endswith(".onnx"):
-        run = cnnkit.load(args.run)
-    else:
-        run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    run = cnnkit.load(args.run, weights=args.weights, device=args.device)  # run or .onnx
     results = run.predict(args.files, top_k=args.top_k)
     failed = [r for r in results if r.error]
     if args.json:

@@ -49,6 +49,14 @@ class Run:
         self.preprocessing: dict = checkpoint["preprocessing"]
         self.device = device
         self.model = model_from_checkpoint(checkpoint).to(device)
+        # Inference settings, decided once (serving calls _logits for every batch).
+        self._dtype = resolve_precision(self.config.train.precision, device)
+        self._batch = inference_batch_size(
+            self.config.train.eval_batch_size, tuple(self.preprocessing["size"]), device
+        )
+        self._channels_last = use_channels_last(self.model, device)
+        if self._channels_last:
+            self.model.to(memory_format=torch.channels_last)
         crop = (
             tuple(self.preprocessing["size"])
             if self.preprocessing.get("resize") == "shorter-side"
@@ -67,15 +75,13 @@ class Run:
         return read_metrics(self.path / "metrics.csv")
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = resolve_precision(self.config.train.precision, self.device)
-        batch = inference_batch_size(
-            self.config.train.eval_batch_size, tuple(self.preprocessing["size"]), self.device
-        )
-        channels_last = use_channels_last(self.model, self.device)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
         return batched_logits(
-            self.model, images.to(self.device), self.normalizer, batch, dtype, channels_last
+            self.model,
+            images.to(self.device),
+            self.normalizer,
+            self._batch,
+            self._dtype,
+            self._channels_last,
         )
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,14 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
+    @classmethod
+    def from_counts(cls, counts) -> ConfusionMatrix:
+        """A matrix from existing counts[true][predicted] (e.g. a report's)."""
+        counts = torch.as_tensor(counts, dtype=torch.int64)
+        cm = cls(len(counts), counts.device)
+        cm.counts = counts.clone()
+        return cm
+
     def update(self, predicted: torch.Tensor, target: torch.Tensor) -> ConfusionMatrix:
         k = self.num_classes
         flat = target.to(self.counts.device) * k + predicted.to(self.counts.device)

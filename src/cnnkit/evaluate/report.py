@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from cnnkit.data.augment import center_crop
+
 from .diagnosis import diagnose
 from .explain import GradCAM, overlay
 from .metrics import ConfusionMatrix, calibration, classification_report
@@ -53,7 +55,7 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     logits = run._logits(part.images)
     probs = logits.softmax(1)
     metrics = classification_report(logits, labels, run.classes, split)
-    cm = ConfusionMatrix(len(run.classes), run.device).update(logits.argmax(1), labels)
+    cm = ConfusionMatrix.from_counts(metrics.confusion_matrix)
     calib = calibration(probs.cpu(), labels.cpu())
     names = (
         [f for f, _ in data.files[split]]
@@ -80,7 +82,7 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
             continue
         raw = part.images[index.cpu()].to(run.device)
         heat, _ = cam(normalizer(raw), predicted[index])
-        shown = raw if tuple(raw.shape[-2:]) == size else _center(raw, size)
+        shown = raw if tuple(raw.shape[-2:]) == size else center_crop(raw, size)
         for j, i in enumerate(index.tolist()):
             entries[kind].append(
                 {
@@ -155,12 +157,6 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
         "grad_cam_layer": cam.layer,
     }
     return report, images
-
-
-def _center(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    from cnnkit.data.augment import center_crop
-
-    return center_crop(x, size)
 
 
 def _to_pil(image: torch.Tensor):
