@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench bench-keras
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,19 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# Speed side by side (cnnkit bench: the tutorial recipe, float32, a DataLoader loop, the fast
+# recipes; the Keras peer too with KERAS_PYTHON=/a/python/with/tensorflow), then the photo
+# pipeline and the serving load test. One JSON line per measurement.
+KERAS_PYTHON ?=
 bench: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/seed_mnist.py
+	$(BIN)/cnnkit bench $(if $(KERAS_PYTHON),--keras-python $(KERAS_PYTHON))
 	$(BIN)/python benchmarks/folder_pipeline.py
 	$(BIN)/python benchmarks/serve_load.py
+
+# The same with the Keras peer: TensorFlow (tensorflow-cpu from PyPI) in its own venv.
+$(VENV)-tf/bin/python:
+	$(PYTHON) -m venv $(VENV)-tf
+	$(VENV)-tf/bin/python -m pip install --quiet tensorflow-cpu numpy
+
+bench-keras: $(VENV)-tf/bin/python
+	$(MAKE) bench KERAS_PYTHON=$(VENV)-tf/bin/python

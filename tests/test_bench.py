@@ -1,6 +1,6 @@
 import pytest
 
-from cnnkit.bench import ratios, summarise
+from cnnkit.bench import bench, ratios, summarise
 from cnnkit.config import Config, apply_overrides, load_config, recipe_names
 
 
@@ -20,8 +20,8 @@ def test_shipped_recipes_load_by_name():
 
 def test_summary_and_ratios():
     runs = [
-        {"train_seconds": t, "test_accuracy": a}
-        for t, a in ((15.0, 0.991), (17.0, 0.993), (14.0, 0.990))
+        {"train_seconds": t, "test_accuracy": a, "images_per_s": n}
+        for t, a, n in ((15.0, 0.991, 4000), (17.0, 0.993, 3500), (14.0, 0.990, 4300))
     ]
     s = summarise("mnist-fast", runs)
     assert (s["train_seconds_median"], s["train_seconds_min"], s["train_seconds_max"]) == (
@@ -29,14 +29,22 @@ def test_summary_and_ratios():
         14.0,
         17.0,
     )
+    assert s["images_per_s_median"] == 4000
     assert s["test_accuracy_mean"] == pytest.approx(0.9913, abs=1e-4)
     r = dict(
         ratios(
             {
-                "tutorial": {"images_per_s": 6000},
-                "keras": {"images_per_s": 2000},
-                "mnist-fast (summary)": {},
+                "tutorial": {"images_per_s_median": 6000},
+                "keras": {"images_per_s_median": 2000},
+                "tutorial-fp32": {"images_per_s_median": 5000},
+                "mnist-fast": {"images_per_s_median": 9000},  # a recipe, not a peer
             }
         )
     )
-    assert r == {"tutorial vs keras": 3.0}
+    assert r == {"tutorial vs keras": 3.0, "tutorial vs tutorial-fp32": 1.2}
+    assert ratios({"keras": {"images_per_s_median": 2000}}) == []
+
+
+def test_bench_names_unknown_measurements():
+    with pytest.raises(ValueError, match="unknown measurement.*choose from tutorial"):
+        bench(only=["tutorail"])

@@ -12,13 +12,13 @@ def n_params(m: nn.Module) -> int:
 def test_seed_cnn_is_the_tutorial_network():
     m = create_model("seed-cnn", num_classes=10, in_chans=1, input_size=(28, 28))
     kinds = [type(x).__name__ for x in [*m.features, *m.head]]
-    assert kinds == [
+    assert kinds == [  # max pooling before the ReLU: see the next test
         "Conv2d",
-        "ReLU",
         "MaxPool2d",
+        "ReLU",
         "Conv2d",
-        "ReLU",
         "MaxPool2d",
+        "ReLU",
         "Flatten",
         "Linear",
         "ReLU",
@@ -29,12 +29,35 @@ def test_seed_cnn_is_the_tutorial_network():
     assert n_params(m) == 121_930  # what Keras's model.summary() prints for the tutorial
 
 
+def test_pooling_before_relu_computes_the_tutorial_network_exactly():
+    """conv-pool-relu is the tutorial's conv-relu-pool, outputs and gradients alike."""
+    torch.manual_seed(0)
+    m = create_model("seed-cnn", num_classes=10, in_chans=1, input_size=(28, 28)).double()
+    conv1, _, _, conv2, _, _ = m.features
+    tutorial_order = nn.Sequential(
+        conv1, nn.ReLU(), nn.MaxPool2d(2), conv2, nn.ReLU(), nn.MaxPool2d(2), *m.head
+    )
+    x, y = torch.randn(16, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (16,))
+    grads = []
+    for net in (m, tutorial_order):
+        net.zero_grad()
+        out = net(x)
+        nn.functional.cross_entropy(out, y).backward()
+        grads.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = grads
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    # ... and only max pooling moves: average pooling does not commute with ReLU
+    avg = create_model("conv8-avgpool", 2, 1, (8, 8))
+    assert [type(x).__name__ for x in avg.features] == ["Conv2d", "ReLU", "AvgPool2d"]
+
+
 def test_seed_cnn_dropout_places_dropout_like_the_tutorial():
     m = create_model("seed-cnn-dropout", 10, 1, (28, 28))
     layers = [*m.features, *m.head]
     drops = [(i, x.p) for i, x in enumerate(layers) if isinstance(x, nn.Dropout)]
     assert [p for _, p in drops] == [0.25, 0.25, 0.5]
-    assert all(isinstance(layers[i - 1], nn.MaxPool2d) for i, _ in drops[:2])
+    assert all(isinstance(layers[i - 2], nn.MaxPool2d) for i, _ in drops[:2])  # pool, ReLU
     assert isinstance(layers[drops[2][0] + 1], nn.Linear)  # just before the last dense
     assert n_params(m) == 121_930
 

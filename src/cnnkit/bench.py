@@ -1,19 +1,20 @@
 """``cnnkit bench``: the recipes and the code people would otherwise run, side by side.
 
-Measurements (one JSON line each, then a table of ratios):
+Measurements (one JSON line per run, then a summary per measurement and the ratios):
 
-- ``tutorial``: the Keras tutorial recipe in cnnkit (seed-cnn, batch 32, Adam 1e-3, fp32);
+- ``tutorial``: the Keras tutorial recipe in cnnkit (seed-cnn, batch 32, Adam 1e-3, 5 epochs)
+  with the default settings (bf16 autocast where the CPU or GPU computes in bf16 natively);
+- ``tutorial-fp32``: the same in float32, to show what the default precision changes;
 - ``pytorch-dataloader``: the same recipe as typical PyTorch user code: a TensorDataset of
   normalised float images, a shuffling DataLoader, a loop that reads ``loss.item()`` every
   step;
 - ``keras``: the tutorial's own Keras/TensorFlow code (``cnnkit/bench_keras.py``), run
   with a Python that has TensorFlow (``--keras-python``; skipped when there is none);
-- ``mnist-fast`` and ``fashion-mnist-fast``: the fast recipes (``cnnkit/recipes/``), one run per
-  seed, reported as the median training time with its spread and the accuracy per seed.
+- ``mnist-fast`` and ``fashion-mnist-fast``: the fast recipes (``cnnkit/recipes/``).
 
-Training time is the sum of the epochs' training seconds (no validation, no data loading);
-accuracy is on the official test set. Timings on shared machines vary: compare within one
-invocation.
+Each runs once per seed, interleaved. Training time is the sum of the epochs' training
+seconds (no validation pass, no data loading), for the peers too; accuracy is on the
+official test set. Timings on shared machines vary: compare within one invocation.
 """
 
 from __future__ import annotations
@@ -125,14 +126,15 @@ def pytorch_dataloader_peer(epochs: int, seed: int = 0) -> dict:
     }
 
 
-def keras_peer(python: str, epochs: int) -> dict | None:
-    """The Keras tutorial in a Python that has TensorFlow; None when there is none."""
+def has_tensorflow(python: str) -> bool:
+    return subprocess.run([python, "-c", "import tensorflow"], capture_output=True).returncode == 0
+
+
+def keras_peer(python: str, epochs: int, seed: int = 0) -> dict:
+    """The Keras tutorial, run by a Python that has TensorFlow."""
     script = Path(__file__).with_name("bench_keras.py")
-    probe = subprocess.run([python, "-c", "import tensorflow"], capture_output=True)
-    if probe.returncode != 0:
-        return None
     out = subprocess.run(
-        [python, str(script), "--epochs", str(epochs)],
+        [python, str(script), "--epochs", str(epochs), "--seed", str(seed)],
         capture_output=True,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
@@ -144,6 +146,7 @@ def keras_peer(python: str, epochs: int) -> dict | None:
 
 
 def summarise(name: str, runs: list[dict]) -> dict:
+    """Medians and ranges over the runs (one per seed) of one measurement."""
     times = [r["train_seconds"] for r in runs]
     accs = [r["test_accuracy"] for r in runs]
     return {
@@ -152,53 +155,69 @@ def summarise(name: str, runs: list[dict]) -> dict:
         "train_seconds_median": round(statistics.median(times), 2),
         "train_seconds_min": min(times),
         "train_seconds_max": max(times),
+        "images_per_s_median": round(statistics.median(r["images_per_s"] for r in runs)),
         "test_accuracy_mean": round(statistics.mean(accs), 4),
         "test_accuracy_min": min(accs),
         "test_accuracy_max": max(accs),
     }
 
 
-def ratios(results: dict[str, dict]) -> list[tuple[str, float]]:
-    """cnnkit's tutorial throughput over each peer's (higher is better for cnnkit)."""
-    base = results.get("tutorial")
-    if not base:
+def ratios(summaries: dict[str, dict]) -> list[tuple[str, float]]:
+    """cnnkit's tutorial throughput (median over seeds) over each peer's (higher is better
+    for cnnkit)."""
+    if "tutorial" not in summaries:
         return []
+    speed = {name: r["images_per_s_median"] for name, r in summaries.items()}
     return [
-        (f"tutorial vs {name}", base["images_per_s"] / r["images_per_s"])
-        for name, r in results.items()
-        if name != "tutorial" and r.get("images_per_s")
+        (f"tutorial vs {name}", speed["tutorial"] / speed[name]) for name in PEERS if name in speed
     ]
+
+
+MEASUREMENTS = (
+    "tutorial",
+    "tutorial-fp32",
+    "pytorch-dataloader",
+    "keras",
+    "mnist-fast",
+    "fashion-mnist-fast",
+)
+PEERS = ("tutorial-fp32", "pytorch-dataloader", "keras")
 
 
 def bench(
     only: list[str] | None = None, seeds: int = 3, epochs: int = 5, keras_python: str | None = None
-) -> dict:
-    wanted = set(
-        only or ["tutorial", "pytorch-dataloader", "keras", "mnist-fast", "fashion-mnist-fast"]
-    )
-    results: dict[str, dict] = {}
-    if "tutorial" in wanted:
-        results["tutorial"] = emit(
-            run_recipe("tutorial", RECIPES / "mnist-tutorial.yaml", 0, epochs)
+) -> dict[str, dict]:
+    """Every measurement once per seed, interleaved (seed 0 of each, then seed 1, ...) so
+    that a slow spell of a shared machine does not fall on one of them only; then a summary
+    per measurement and the throughput ratios. Returns the summaries by name."""
+    wanted = [m for m in MEASUREMENTS if m in set(only or MEASUREMENTS)]
+    unknown = set(only or ()) - set(MEASUREMENTS)
+    if unknown:
+        raise ValueError(
+            f"unknown measurement(s) {sorted(unknown)}; choose from {', '.join(MEASUREMENTS)}"
         )
-    if "pytorch-dataloader" in wanted:
-        results["pytorch-dataloader"] = emit(pytorch_dataloader_peer(epochs))
-    if "keras" in wanted:
-        keras = keras_peer(keras_python or sys.executable, epochs)
-        if keras is None:
-            emit(
-                {
-                    "benchmark": "keras",
-                    "skipped": "no TensorFlow in "
-                    f"{keras_python or sys.executable}; pass --keras-python",
-                }
-            )
-        else:
-            results["keras"] = emit(keras)
-    for name in ("mnist-fast", "fashion-mnist-fast"):
-        if name in wanted:
-            runs = [emit(run_recipe(name, RECIPES / f"{name}.yaml", seed)) for seed in range(seeds)]
-            results[name] = emit(summarise(name, runs))
-    for label, ratio in ratios(results):
+    python = keras_python or sys.executable
+    if "keras" in wanted and not has_tensorflow(python):
+        emit({"benchmark": "keras", "skipped": f"no TensorFlow in {python}; pass --keras-python"})
+        wanted.remove("keras")
+    tutorial = RECIPES / "mnist-tutorial.yaml"
+    runners = {
+        "tutorial": lambda seed: run_recipe("tutorial", tutorial, seed, epochs),
+        "tutorial-fp32": lambda seed: run_recipe(
+            "tutorial-fp32", tutorial, seed, epochs, precision="fp32"
+        ),
+        "pytorch-dataloader": lambda seed: pytorch_dataloader_peer(epochs, seed),
+        "keras": lambda seed: keras_peer(python, epochs, seed),
+        "mnist-fast": lambda seed: run_recipe("mnist-fast", RECIPES / "mnist-fast.yaml", seed),
+        "fashion-mnist-fast": lambda seed: run_recipe(
+            "fashion-mnist-fast", RECIPES / "fashion-mnist-fast.yaml", seed
+        ),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in wanted}
+    for seed in range(seeds):
+        for name in wanted:
+            runs[name].append(emit(runners[name](seed)))
+    summaries = {name: emit(summarise(name, r)) for name, r in runs.items()}
+    for label, ratio in ratios(summaries):
         emit({"benchmark": "ratio", "comparison": label, "images_per_s_ratio": round(ratio, 2)})
-    return results
+    return summaries

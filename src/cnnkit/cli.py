@@ -205,15 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="speed and accuracy of the recipes next to the peers",
-        description="Runs the tutorial recipe, the same recipe as typical "
-        "PyTorch DataLoader code, the Keras tutorial (with --keras-python), and "
-        "the fast recipes over seeds; one JSON line per measurement.",
+        description="Runs the tutorial recipe (default settings and float32), the "
+        "same recipe as typical PyTorch DataLoader code, the Keras tutorial (with "
+        "--keras-python) and the fast recipes, once per seed, interleaved; one JSON "
+        "line per run, then medians and throughput ratios.",
     )
     p.add_argument(
         "--only",
-        help="comma-separated: tutorial, pytorch-dataloader, keras, mnist-fast, fashion-mnist-fast",
+        help="comma-separated: tutorial, tutorial-fp32, pytorch-dataloader, keras, "
+        "mnist-fast, fashion-mnist-fast",
     )
-    p.add_argument("--seeds", type=int, default=3, help="runs per fast recipe (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="runs (seeds) per measurement (default 3)")
     p.add_argument("--epochs", type=int, default=5, help="epochs of the tutorial and peers")
     p.add_argument("--keras-python", help="a Python with TensorFlow for the Keras peer")
 

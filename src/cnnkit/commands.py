@@ -339,7 +339,7 @@ def _check(args, con) -> int:
 
 
 def cmd_bench(args) -> int:
-    from cnnkit.bench import bench
+    from cnnkit.bench import bench, ratios
 
     results = bench(
         only=args.only.split(",") if args.only else None,
@@ -347,24 +347,27 @@ def cmd_bench(args) -> int:
         epochs=args.epochs,
         keras_python=args.keras_python,
     )
-    t = _table("cnnkit bench", "measurement", "train seconds", "images/s", "test accuracy")
+    t = _table(
+        "cnnkit bench (median over seeds, with the range)",
+        "measurement",
+        "runs",
+        "train seconds",
+        "images/s",
+        "test accuracy (mean)",
+        "tutorial's speed-up",
+    )
+    speedup = {label.removeprefix("tutorial vs "): x for label, x in ratios(results)}
     for name, r in results.items():
-        if "train_seconds_median" in r:
-            t.add_row(
-                f"{name} (median of {r['runs']})",
-                f"{r['train_seconds_median']:.1f} ({r['train_seconds_min']:.1f}-"
-                f"{r['train_seconds_max']:.1f})",
-                "-",
-                f"{r['test_accuracy_mean']:.2%} ({r['test_accuracy_min']:.2%}-"
-                f"{r['test_accuracy_max']:.2%})",
-            )
-        else:
-            t.add_row(
-                name,
-                f"{r['train_seconds']:.1f}",
-                f"{r['images_per_s']:,}",
-                f"{r['test_accuracy']:.2%}",
-            )
+        t.add_row(
+            name,
+            str(r["runs"]),
+            f"{r['train_seconds_median']:.1f} ({r['train_seconds_min']:.1f}-"
+            f"{r['train_seconds_max']:.1f})",
+            f"{r['images_per_s_median']:,}",
+            f"{r['test_accuracy_mean']:.2%} ({r['test_accuracy_min']:.2%}-"
+            f"{r['test_accuracy_max']:.2%})",
+            f"{speedup[name]:.2f}x" if name in speedup else "",
+        )
     _console().print(t)
     return 0
 

@@ -65,7 +65,7 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"  # auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 where the GPU or CPU has it natively) | fp32 | bf16
     compile: bool = False  # torch.compile the model (pays off on long GPU runs)
     patience: int | None = None  # stop after this many epochs without improvement
     monitor: str = "val_acc"  # val_acc | val_loss: picks best.pt and drives early stopping

@@ -23,13 +23,39 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast
+    is much faster than fp32 rather than emulated and slower."""
+    cpu = torch.cpu
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if all(hasattr(cpu, name) for name in probes):
+        return any(getattr(cpu, name)() for name in probes)
+    try:  # older torch: ask the kernel
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on CUDA GPUs that support it, fp32 elsewhere."""
+    """'auto' is bf16 autocast where the hardware computes in bf16 natively: CUDA GPUs that
+    support it, and CPUs with AVX-512 BF16 or AMX. Elsewhere, and for 'fp32', float32.
+
+    Measured on a 2-core AVX-512 BF16 CPU (benchmarks/RESULTS.md): the tutorial recipe
+    trains 1.18x faster with the same test accuracy over 8 seeds, ResNet-20 1.3-3x, and
+    EfficientNet-Lite0 computes features 1.9x faster. Weights, optimizer state and the loss
+    stay float32.
+    """
     if name == "fp32":
         return torch.float32
     if name == "bf16":
         return torch.bfloat16
+    if name != "auto":
+        raise ValueError(f"unknown precision '{name}'; choose auto, fp32 or bf16")
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 

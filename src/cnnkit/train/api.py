@@ -311,9 +311,18 @@ def _describe(cfg, data, model, stages, device, run_dir, say) -> None:
         f"train  {plan}, batch {cfg.train.batch_size}, {cfg.optim.optimizer} lr "
         f"{cfg.optim.lr:g} ({cfg.optim.schedule}), augment "
         f"{'/'.join(dict.fromkeys(s.augment for s in stages))}, on {device} "
-        f"{str(dtype).removeprefix('torch.')}"
+        f"{_precision_label(cfg.train.precision, dtype)}"
     )
     say(f"run    {run_dir}")
+
+
+def _precision_label(asked: str, dtype: torch.dtype) -> str:
+    """'float32', or 'bf16 autocast', saying when 'auto' chose it and how to opt out."""
+    if dtype == torch.float32:
+        return "float32"
+    if asked == "auto":
+        return "bf16 autocast (auto: native bf16 here; --precision fp32 for float32)"
+    return "bf16 autocast"
 
 
 def _summarise(state: TrainState, run_dir: Path, say) -> None:

@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from cnnkit import device as dev
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch, native, expected):
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert dev.resolve_precision("auto", cpu) == expected
+    assert dev.resolve_precision("fp32", cpu) == torch.float32  # asking wins either way
+    assert dev.resolve_precision("bf16", cpu) == torch.bfloat16
+
+
+def test_unknown_precision_is_an_error():
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; choose auto, fp32 or bf16"):
+        dev.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_native_bf16_probe_agrees_with_the_kernel():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert dev.cpu_has_native_bf16() == native
