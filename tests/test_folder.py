@@ -26,6 +26,17 @@ def test_class_folders_get_a_stratified_saved_split(tmp_path):
     assert red[0] > 150 and red[1] < 80 and red[2] < 80
 
 
+def test_a_folder_name_is_also_looked_up_in_cnnkit_data(tmp_path, monkeypatch):
+    make_photos(tmp_path / "store" / "shapes", per_class=4)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CNNKIT_DATA", os.pathsep.join([str(tmp_path / "none"), "store"]))
+    files = list_images("shapes")
+    assert files.classes == ["blue", "green", "red"]
+    assert files.root.resolve() == (tmp_path / "store" / "shapes").resolve()
+    with pytest.raises(FileNotFoundError, match="'shapez' is not a built-in .*\\$CNNKIT_DATA"):
+        list_images("shapez")
+
+
 def test_train_val_test_tree_and_validation_alias(tmp_path):
     for split, n in (("train", 8), ("validation", 3), ("test", 2)):
         make_photos(tmp_path / "tree" / split, per_class=n)

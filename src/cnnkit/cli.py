@@ -9,7 +9,8 @@ from cnnkit import commands
 
 # Help for every config setting; the flag is the setting's flat name (see config.resolve_key).
 SETTING_HELP = {
-    "data.name": "built-in data set: mnist, fashion-mnist, cifar10, cifar100",
+    "data.name": "built-in data set (mnist, fashion-mnist, cifar10, cifar100), or a folder "
+    "or CSV list of images (a relative one is also looked up in $CNNKIT_DATA)",
     "data.data_dir": "directory searched first for the data set's files",
     "data.val_split": "share of the training set held out for validation (default 0.1)",
     "data.limit": "train on a stratified subset of at most N images",

@@ -109,15 +109,34 @@ def _read_csv(path: Path) -> FileList:
     return FileList(path.parent, classes, splits)
 
 
-def list_images(path: str | Path) -> FileList:
-    """Find the labelled images of a folder or CSV/TSV list (no decoding yet)."""
+def find_data_path(path: str | Path) -> Path:
+    """A folder or list file as given, or else, for a relative path, the first
+    ``<dir>/<path>`` that exists for the directories in ``$CNNKIT_DATA``."""
     path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    for root in os.environ.get("CNNKIT_DATA", "").split(os.pathsep):
+        if root and (Path(root) / path).exists():
+            return Path(root) / path
+    return path
+
+
+def list_images(path: str | Path) -> FileList:
+    """Find the labelled images of a folder or CSV/TSV list (no decoding yet); a relative
+    path is looked up in the working directory, then in each ``$CNNKIT_DATA`` directory."""
+    given, path = path, find_data_path(path)
     if path.is_file():
         if path.suffix.lower() not in (".csv", ".tsv", ".txt"):
             raise ValueError(f"{path}: a data file must be a CSV or TSV list of path,label rows")
         return _read_csv(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"data set not found: {path}")
+        roots = [r for r in os.environ.get("CNNKIT_DATA", "").split(os.pathsep) if r]
+        where = f" or in $CNNKIT_DATA ({', '.join(roots)})" if roots else ""
+        raise FileNotFoundError(
+            f"data set not found: '{given}' is not a built-in data set, nor a folder or "
+            f"list file in the working directory{where}; give its path, or add the "
+            "directory that holds it to $CNNKIT_DATA"
+        )
     subdirs = {d.name.lower(): d for d in path.iterdir() if d.is_dir() and not _is_hidden(d)}
     ignored: list[tuple[Path, str]] = []
     if "train" in subdirs:
