@@ -8,6 +8,8 @@ JSON line per variant with the median and the range over rounds:
   fixed cost (dispatch, autocast casts, autograd, optimizer);
 - max pooling before the ReLU (what layer specs build) against the tutorial's ReLU then
   pooling: the same function, a different cost;
+- bf16 weights kept between steps, with float32 master weights in the optimizer, instead
+  of autocast casting the weights at every step;
 - with ``--compile``, the model under torch.compile too (compilation time reported apart).
 
     python benchmarks/step_costs.py [--rounds 8] [--steps 300] [--compile]
@@ -40,10 +42,8 @@ def seed_cnn(pool_first: bool) -> nn.Module:
 class Variant:
     def __init__(self, batch: int, dtype: torch.dtype, pool_first=True, compiled=False):
         torch.manual_seed(0)
-        self.model = seed_cnn(pool_first)
-        self.forward = torch.compile(self.model) if compiled else self.model
-        self.optimizer = torch.optim.Adam(self.model.parameters(), 1e-3, fused=True)
         self.dtype, self.batch = dtype, batch
+        self.build(pool_first, compiled)
         self.images = torch.randn(4096, 1, 28, 28)
         self.labels = torch.randint(0, 10, (4096,))
         self.offset = 0
@@ -53,10 +53,18 @@ class Variant:
         for _ in range(50):
             self.step()
 
-    def step(self) -> None:
+    def build(self, pool_first: bool, compiled: bool) -> None:
+        self.model = seed_cnn(pool_first)
+        self.forward = torch.compile(self.model) if compiled else self.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), 1e-3, fused=True)
+
+    def batch_xy(self) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.offset
         self.offset = (i + self.batch) % (len(self.images) - self.batch)
-        x, y = self.images[i : i + self.batch], self.labels[i : i + self.batch]
+        return self.images[i : i + self.batch], self.labels[i : i + self.batch]
+
+    def step(self) -> None:
+        x, y = self.batch_xy()
         with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
             loss = F.cross_entropy(self.forward(x), y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -68,6 +76,33 @@ class Variant:
         for _ in range(steps):
             self.step()
         return (time.perf_counter() - t0) / steps * 1e6
+
+
+class MasterWeights(Variant):
+    """The model's weights in bf16 between steps; the optimizer updates float32 copies."""
+
+    def __init__(self, batch: int):
+        super().__init__(batch, torch.bfloat16)
+
+    def build(self, pool_first: bool, compiled: bool) -> None:
+        model = seed_cnn(pool_first)
+        self.master = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+        self.model = model.to(torch.bfloat16)
+        self.params = list(self.model.parameters())
+        self.optimizer = torch.optim.Adam(self.master, 1e-3, fused=True)
+
+    def step(self) -> None:
+        x, y = self.batch_xy()
+        loss = F.cross_entropy(self.model(x.to(torch.bfloat16)).float(), y)
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        for m, p in zip(self.master, self.params, strict=True):
+            m.grad = p.grad.float()
+        self.optimizer.step()
+        with torch.no_grad():
+            for m, p in zip(self.master, self.params, strict=True):
+                p.copy_(m)
 
 
 def main() -> None:
@@ -82,8 +117,10 @@ def main() -> None:
         "batch 32 fp32": Variant(32, f32),
         "batch 32 bf16": Variant(32, bf16),
         "batch 32 bf16, ReLU before pooling": Variant(32, bf16, pool_first=False),
+        "batch 32 bf16 weights, float32 master weights": MasterWeights(32),
         "batch 1 fp32": Variant(1, f32),
         "batch 1 bf16": Variant(1, bf16),
+        "batch 1 bf16 weights, float32 master weights": MasterWeights(1),
     }
     if args.compile:
         variants["batch 32 fp32 compiled"] = Variant(32, f32, compiled=True)
