@@ -314,9 +314,11 @@ def fit(
                     partial, state.stop_reason = step < steps, "time_budget"
                     break
 
-            # ---- end of epoch: one host sync for the training sums, then validation
-            seconds = state.epoch_seconds + time.perf_counter() - t0
+            # ---- end of epoch: one host sync for the training sums, then validation. The
+            # sync comes first: on a GPU the queued steps finish only then, and the epoch's
+            # time must include them.
             loss_sum, correct, count = sums.tolist()
+            seconds = state.epoch_seconds + time.perf_counter() - t0
             row = {
                 "epoch": number + 1,
                 "stage": stage.name,
