@@ -139,3 +139,16 @@ def test_checkpoint_describes_itself(tiny_run):
         "input_size": [28, 28],
     }
     assert ckpt["config"]["train"]["epochs"] == 1 and "train_state" not in ckpt
+
+
+def test_compilation_time_is_reported_apart(tmp_path):
+    small = {**SMALL, "limit": 640}
+    run = cnnkit.train(compile=True, epochs=1, runs_dir=str(tmp_path), **small)
+    (row,) = load_checkpoint(run.path / "last.pt")["train_state"]["state"]["history"]
+    steps = 640 // 64
+    later_step = (row["seconds"] - row["compile_seconds"]) / (steps - 1)
+    assert 0 < row["compile_seconds"] < row["seconds"]
+    assert row["compile_seconds"] > 10 * later_step  # the first step compiled
+    plain = cnnkit.train(epochs=1, name="plain", runs_dir=str(tmp_path), **small)
+    (row,) = load_checkpoint(plain.path / "last.pt")["train_state"]["state"]["history"]
+    assert "compile_seconds" not in row

@@ -344,6 +344,12 @@ def _summarise(state: TrainState, run_dir: Path, say) -> None:
         f"done   {reason} after {len(rows)} epochs; {best}; "
         f"{images / max(seconds, 1e-9):,.0f} training images/s over {seconds:.1f}s"
     )
+    compiled = [r["compile_seconds"] for r in rows if r.get("compile_seconds") is not None]
+    if compiled:
+        say(
+            f"       torch.compile: {sum(compiled):.1f}s in the compiling steps (the first, "
+            "and the first short batch; included in the training time)"
+        )
     say(f"files  {run_dir}/ best.pt last.pt metrics.csv config.yaml train.log")
 
 

@@ -246,6 +246,13 @@ def fit(
         )
     budget_start = time.perf_counter() - state.elapsed
     stopper = _StopOnSigint(list(hooks))
+    # With torch.compile, the first step of each fit() call compiles, and so does the first
+    # short last batch: their time is reported apart (in the row of the epoch they fall in)
+    # as well as counted in the training time.
+    compiling = set()
+    if tc.compile:
+        compiling = {state.step} | ({steps - 1} if n % batch_size else set())
+    compile_seconds = None
 
     with stopper.installed():
         while state.epoch < stage.epochs and state.stop_reason is None:
@@ -293,6 +300,9 @@ def fit(
                 x = normalizer.normalize(x)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                timed = step in compiling
+                if timed:
+                    step_start = time.perf_counter()
                 with autocast(device, dtype):
                     logits = forward(x)
                     loss = F.cross_entropy(
@@ -302,6 +312,11 @@ def fit(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                if timed:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    compiling.discard(step)
+                    compile_seconds = (compile_seconds or 0.0) + time.perf_counter() - step_start
 
                 with torch.no_grad():  # on-device sums: no host sync here
                     sums[0] += loss.detach().float() * len(y)
@@ -331,6 +346,9 @@ def fit(
                 "images_per_s": count / max(seconds, 1e-9),
                 "partial": partial,
             }
+            if compile_seconds is not None:
+                row["compile_seconds"] = compile_seconds
+                compile_seconds = None
             if val is not None:
                 eval_batch = tc.eval_batch_size
                 if not data.is_features:
