@@ -219,5 +219,17 @@ def bench(
             runs[name].append(emit(runners[name](seed)))
     summaries = {name: emit(summarise(name, r)) for name, r in runs.items()}
     for label, ratio in ratios(summaries):
-        emit({"benchmark": "ratio", "comparison": label, "images_per_s_ratio": round(ratio, 2)})
+        peer = label.removeprefix("tutorial vs ")
+        per_seed = [  # paired: the same seed, run one after the other
+            round(a["images_per_s"] / b["images_per_s"], 2)
+            for a, b in zip(runs["tutorial"], runs[peer], strict=True)
+        ]
+        emit(
+            {
+                "benchmark": "ratio",
+                "comparison": label,
+                "images_per_s_ratio": round(ratio, 2),
+                "per_seed": per_seed,
+            }
+        )
     return summaries
