@@ -162,15 +162,13 @@ def summarise(name: str, runs: list[dict]) -> dict:
     }
 
 
-def ratios(summaries: dict[str, dict]) -> list[tuple[str, float]]:
-    """cnnkit's tutorial throughput (median over seeds) over each peer's (higher is better
-    for cnnkit)."""
+def ratios(summaries: dict[str, dict]) -> dict[str, float]:
+    """By peer: cnnkit's tutorial throughput (median over seeds) over the peer's (higher is
+    better for cnnkit)."""
     if "tutorial" not in summaries:
-        return []
+        return {}
     speed = {name: r["images_per_s_median"] for name, r in summaries.items()}
-    return [
-        (f"tutorial vs {name}", speed["tutorial"] / speed[name]) for name in PEERS if name in speed
-    ]
+    return {name: speed["tutorial"] / speed[name] for name in PEERS if name in speed}
 
 
 MEASUREMENTS = (
@@ -218,8 +216,7 @@ def bench(
         for name in wanted:
             runs[name].append(emit(runners[name](seed)))
     summaries = {name: emit(summarise(name, r)) for name, r in runs.items()}
-    for label, ratio in ratios(summaries):
-        peer = label.removeprefix("tutorial vs ")
+    for peer, ratio in ratios(summaries).items():
         per_seed = [  # paired: the same seed, run one after the other
             round(a["images_per_s"] / b["images_per_s"], 2)
             for a, b in zip(runs["tutorial"], runs[peer], strict=True)
@@ -227,7 +224,7 @@ def bench(
         emit(
             {
                 "benchmark": "ratio",
-                "comparison": label,
+                "comparison": f"tutorial vs {peer}",
                 "images_per_s_ratio": round(ratio, 2),
                 "per_seed": per_seed,
             }

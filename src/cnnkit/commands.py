@@ -356,7 +356,7 @@ def cmd_bench(args) -> int:
         "test accuracy (mean)",
         "tutorial's speed-up",
     )
-    speedup = {label.removeprefix("tutorial vs "): x for label, x in ratios(results)}
+    speedup = ratios(results)
     for name, r in results.items():
         t.add_row(
             name,

@@ -315,12 +315,17 @@ def cache_dir() -> Path:
     return Path(base) / "cnnkit" / "datasets"
 
 
+def data_roots() -> list[Path]:
+    """The directories listed in ``$CNNKIT_DATA``, in order."""
+    return [Path(p) for p in os.environ.get("CNNKIT_DATA", "").split(os.pathsep) if p]
+
+
 def search_dirs(spec: BuiltinDataset, data_dir: str | Path | None = None) -> list[Path]:
     """Every directory that may hold the data set's files, in the order they are tried."""
     roots: list[Path] = []
     if data_dir:
         roots.append(Path(data_dir))
-    roots += [Path(p) for p in os.environ.get("CNNKIT_DATA", "").split(os.pathsep) if p]
+    roots += data_roots()
     dirs: list[Path] = []
     for root in roots:
         # An explicit/CNNKIT_DATA directory may be the data set's own folder or a parent.

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .builtin import data_roots
 from .decode import ImageReadError, open_image, resize_and_crop
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -115,10 +116,7 @@ def find_data_path(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() or path.is_absolute():
         return path
-    for root in os.environ.get("CNNKIT_DATA", "").split(os.pathsep):
-        if root and (Path(root) / path).exists():
-            return Path(root) / path
-    return path
+    return next((root / path for root in data_roots() if (root / path).exists()), path)
 
 
 def list_images(path: str | Path) -> FileList:
@@ -130,8 +128,8 @@ def list_images(path: str | Path) -> FileList:
             raise ValueError(f"{path}: a data file must be a CSV or TSV list of path,label rows")
         return _read_csv(path)
     if not path.is_dir():
-        roots = [r for r in os.environ.get("CNNKIT_DATA", "").split(os.pathsep) if r]
-        where = f" or in $CNNKIT_DATA ({', '.join(roots)})" if roots else ""
+        roots = ", ".join(map(str, data_roots()))
+        where = f" or in $CNNKIT_DATA ({roots})" if roots else ""
         raise FileNotFoundError(
             f"data set not found: '{given}' is not a built-in data set, nor a folder or "
             f"list file in the working directory{where}; give its path, or add the "
