@@ -310,9 +310,14 @@ def builtin(name: str) -> BuiltinDataset:
 # ---------------------------------------------------------------- locating and verifying
 
 
-def cache_dir() -> Path:
+def user_cache_dir() -> Path:
+    """cnnkit's folder in the user cache: ``$XDG_CACHE_HOME/cnnkit`` (``~/.cache/cnnkit``)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cnnkit" / "datasets"
+    return Path(base) / "cnnkit"
+
+
+def cache_dir() -> Path:
+    return user_cache_dir() / "datasets"
 
 
 def data_roots() -> list[Path]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .builtin import data_roots
+from .builtin import data_roots, user_cache_dir
 from .decode import ImageReadError, open_image, resize_and_crop
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -213,8 +213,7 @@ def content_key(paths: list[Path], channels: int, size: int) -> str:
 
 
 def decoded_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cnnkit" / "decoded"
+    return user_cache_dir() / "decoded"
 
 
 @dataclass
