@@ -43,8 +43,10 @@ SETTING_HELP = {
     "train.batch_size": "batch size (default 32)",
     "train.seed": "random seed for the split, initialisation, shuffling, augmentation",
     "train.device": "auto, cpu, cuda, cuda:N or mps",
-    "train.precision": "auto, fp32 or bf16 (autocast)",
-    "train.compile": "torch.compile the model (true/false)",
+    "train.precision": "auto (bf16 autocast where the GPU or CPU computes in bf16 natively, "
+    "else float32), fp32 or bf16",
+    "train.compile": "torch.compile the model (true/false); the compiling steps' time is "
+    "reported apart",
     "train.patience": "early stopping: epochs without improvement of --monitor",
     "train.monitor": "val_acc or val_loss: selects best.pt, drives early stopping",
     "train.time_budget": "stop training after this many seconds (the epoch ends early)",
