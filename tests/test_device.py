@@ -26,3 +26,26 @@ def test_native_bf16_probe_agrees_with_the_kernel():
         pytest.skip("no /proc/cpuinfo flags to compare with")
     native = "avx512_bf16" in flags or "amx_bf16" in flags
     assert dev.cpu_has_native_bf16() == native
+
+
+@pytest.mark.parametrize(
+    "asked, native, expected",
+    [
+        ("auto", False, "float32 (auto: this CPU has no native bf16)"),
+        ("auto", True, "bf16 autocast (auto: native bf16 here"),
+        ("bf16", False, "bf16 autocast (warning: this CPU has no native bf16"),
+        ("bf16", True, "bf16 autocast"),
+        ("fp32", True, "float32"),
+    ],
+)
+def test_run_header_says_why_the_precision_and_warns_of_emulated_bf16(
+    monkeypatch, asked, native, expected
+):
+    from cnnkit.train import api
+
+    monkeypatch.setattr(api, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    label = api._precision_label(asked, api.resolve_precision(asked, cpu), cpu)
+    assert label.startswith(expected)
+    assert ("warning" in label) == (asked == "bf16" and not native)

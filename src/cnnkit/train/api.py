@@ -21,6 +21,7 @@ from torch import nn
 from cnnkit.config import Config, apply_overrides, dump_config, resolve_key
 from cnnkit.data import DataSplits, is_builtin, load_dataset, load_folder
 from cnnkit.device import (
+    cpu_has_native_bf16,
     inference_batch_size,
     resolve_device,
     resolve_precision,
@@ -311,17 +312,26 @@ def _describe(cfg, data, model, stages, device, run_dir, say) -> None:
         f"train  {plan}, batch {cfg.train.batch_size}, {cfg.optim.optimizer} lr "
         f"{cfg.optim.lr:g} ({cfg.optim.schedule}), augment "
         f"{'/'.join(dict.fromkeys(s.augment for s in stages))}, on {device} "
-        f"{_precision_label(cfg.train.precision, dtype)}"
+        f"{_precision_label(cfg.train.precision, dtype, device)}"
     )
     say(f"run    {run_dir}")
 
 
-def _precision_label(asked: str, dtype: torch.dtype) -> str:
-    """'float32', or 'bf16 autocast', saying when 'auto' chose it and how to opt out."""
+def _precision_label(asked: str, dtype: torch.dtype, device: torch.device) -> str:
+    """'float32' or 'bf16 autocast', saying why when 'auto' chose, and warning when bf16 is
+    asked for on a CPU that only emulates it (measured 10x slower per step on AVX2)."""
+    slow_cpu_bf16 = device.type == "cpu" and not cpu_has_native_bf16()
     if dtype == torch.float32:
+        if asked == "auto" and slow_cpu_bf16:
+            return "float32 (auto: this CPU has no native bf16)"
         return "float32"
     if asked == "auto":
         return "bf16 autocast (auto: native bf16 here; --precision fp32 for float32)"
+    if slow_cpu_bf16:
+        return (
+            "bf16 autocast (warning: this CPU has no native bf16, so it is emulated and "
+            "several times slower; --precision auto picks float32 here)"
+        )
     return "bf16 autocast"
 
 
