@@ -40,7 +40,8 @@ SETTING_HELP = {
     "optim.warmup_epochs": "linear warm-up epochs before the cosine schedule",
     "optim.label_smoothing": "label smoothing of the training loss",
     "train.epochs": "number of epochs (default 5)",
-    "train.batch_size": "batch size (default 32)",
+    "train.batch_size": "batch size (default 32), or auto: the largest power of two that fits "
+    "the device's free memory, up to 256 on a GPU and 32 on a CPU",
     "train.seed": "random seed for the split, initialisation, shuffling, augmentation",
     "train.device": "auto, cpu, cuda, cuda:N or mps",
     "train.precision": "auto (bf16 autocast where the GPU or CPU computes in bf16 natively, "

@@ -62,7 +62,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
-    batch_size: int = 32
+    batch_size: int | str = 32  # or "auto": the largest that fits (train/autobatch.py)
     seed: int = 0
     device: str = "auto"  # auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto (bf16 where the GPU or CPU has it natively) | fp32 | bf16
@@ -155,6 +155,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if optional:
             return None
         raise ValueError(f"setting '{key}' cannot be empty")
+    if int in args and str in args and isinstance(value, str) and value.lower() == "auto":
+        return "auto"  # a number or 'auto' (train.batch_size)
     try:
         if base is bool:
             if isinstance(value, str):
@@ -172,7 +174,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return float(value)
         return str(value)
     except ValueError:
-        raise ValueError(f"setting '{key}' must be {base.__name__}, got {value!r}") from None
+        kind = base.__name__ + (" or 'auto'" if str in args and base is int else "")
+        raise ValueError(f"setting '{key}' must be {kind}, got {value!r}") from None
 
 
 def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
@@ -265,7 +268,11 @@ def validate(config: Config) -> None:
         ("optim.label_smoothing", 0 <= config.optim.label_smoothing < 1, "must be in [0, 1)"),
         ("optim.warmup_epochs", config.optim.warmup_epochs >= 0, "must be >= 0"),
         ("train.epochs", config.train.epochs > 0, "must be positive"),
-        ("train.batch_size", config.train.batch_size > 0, "must be positive"),
+        (
+            "train.batch_size",
+            config.train.batch_size == "auto" or config.train.batch_size > 0,
+            "must be positive, or auto",
+        ),
         ("train.eval_batch_size", config.train.eval_batch_size > 0, "must be positive"),
         (
             "train.patience",

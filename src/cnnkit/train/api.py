@@ -10,6 +10,7 @@ layer-wise decaying learning rate. best.pt is the best validation epoch of eithe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -214,9 +215,13 @@ def _execute(
             save_split(data, run_dir / "split.json")
         torch.manual_seed(cfg.train.seed)  # model initialisation
         model = build_model(cfg, data, resume)
+        batch_note = ""
+        if cfg.train.batch_size == "auto":  # resolved once; config.yaml keeps the number
+            cfg, batch_note = _auto_batch_size(cfg, data, model, device)
+            dump_config(cfg, run_dir / "config.yaml")
         meta = checkpoint_meta(cfg, data, model, pre)
         stages = plan_stages(cfg, data, model)
-        _describe(cfg, data, model, stages, device, run_dir, say)
+        _describe(cfg, data, model, stages, device, run_dir, say, batch_note)
         if new_folder_run:
             from cnnkit.data.doctor import quick_check
 
@@ -283,7 +288,16 @@ def _execute(
     return load_run(run_dir, device=str(device))
 
 
-def _describe(cfg, data, model, stages, device, run_dir, say) -> None:
+def _auto_batch_size(cfg: Config, data: DataSplits, model: nn.Module, device) -> tuple:
+    from cnnkit.train.autobatch import choose_batch_size
+
+    dtype = resolve_precision(cfg.train.precision, device)
+    choice = choose_batch_size(model.to(device), data.shape, len(data.train), device, dtype)
+    train_cfg = dataclasses.replace(cfg.train, batch_size=choice.batch_size)
+    return dataclasses.replace(cfg, train=train_cfg), f" ({choice.reason})"
+
+
+def _describe(cfg, data, model, stages, device, run_dir, say, batch_note="") -> None:
     d = cfg.data
     c, h, w = data.shape
     params = sum(p.numel() for p in model.parameters())
@@ -309,7 +323,7 @@ def _describe(cfg, data, model, stages, device, run_dir, say) -> None:
     dtype = resolve_precision(cfg.train.precision, device)
     plan = " then ".join(f"{s.name} {s.epochs} epochs" for s in stages)
     say(
-        f"train  {plan}, batch {cfg.train.batch_size}, {cfg.optim.optimizer} lr "
+        f"train  {plan}, batch {cfg.train.batch_size}{batch_note}, {cfg.optim.optimizer} lr "
         f"{cfg.optim.lr:g} ({cfg.optim.schedule}), augment "
         f"{'/'.join(dict.fromkeys(s.augment for s in stages))}, on {device} "
         f"{_precision_label(cfg.train.precision, dtype, device)}"
