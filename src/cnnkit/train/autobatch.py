@@ -12,6 +12,7 @@ rescaled: a batch far from the recipe's may want a different one.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +80,11 @@ def free_memory_bytes(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:  # no /proc (macOS, BSD): the free pages, or where that is not kept, all of them
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        pages = os.sysconf("SC_PHYS_PAGES")
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def choose_batch_size(
