@@ -59,3 +59,14 @@ def test_flip_mirrors_some_images_exactly():
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown augmentation 'rotate'.*affine.*crop-flip"):
         get_augment("rotate")
+
+
+def test_shift_preset_moves_digits_up_to_two_pixels_without_mirroring():
+    x = torch.zeros(256, 1, 28, 28)
+    x[:, :, 14, 10] = 1.0  # off-centre, so a mirror image would land at column 17
+    y = get_augment("shift")(x, torch.Generator().manual_seed(0))
+    assert torch.equal(y.flatten(1).sum(1), x.flatten(1).sum(1))  # nothing cut off
+    rows = y[:, 0].sum(2).argmax(1) - 14
+    cols = y[:, 0].sum(1).argmax(1) - 10
+    assert rows.abs().max() == 2 and cols.abs().max() == 2
+    assert set(cols.tolist()) == set(range(-2, 3))

@@ -1,6 +1,14 @@
 import pytest
 
-from cnnkit.bench import bench, ratios, summarise
+from cnnkit.bench import (
+    GPU_RECIPES,
+    bench,
+    default_measurements,
+    device_name,
+    measurement,
+    ratios,
+    summarise,
+)
 from cnnkit.config import Config, apply_overrides, load_config, recipe_names
 
 
@@ -42,3 +50,29 @@ def test_summary_and_ratios():
 def test_bench_names_unknown_measurements():
     with pytest.raises(ValueError, match="unknown measurement.*choose from tutorial"):
         bench(only=["tutorail"])
+
+
+def test_compiling_steps_are_reported_apart_from_the_training_time():
+    cfg = apply_overrides(Config(), load_config("mnist-gpu-fast"))
+    history = [  # 10,000 images per epoch; the first epoch spent 3 s compiling
+        {"seconds": 5.0, "images_per_s": 2000.0, "compile_seconds": 3.0},
+        {"seconds": 2.0, "images_per_s": 5000.0},
+    ]
+    r = measurement("mnist-gpu-fast", 0, cfg, history, 0.991)
+    assert (r["train_seconds"], r["compile_seconds"]) == (4.0, 3.0)
+    assert r["images_per_s"] == 5000 and r["seconds_per_epoch"] == [5.0, 2.0]
+    s = summarise("mnist-gpu-fast", [r, {**r, "compile_seconds": 5.0}])
+    assert s["compile_seconds_median"] == 4.0
+    uncompiled = measurement("tutorial", 0, Config(), history[1:], 0.99)
+    assert "compile_seconds" not in uncompiled and uncompiled["train_seconds"] == 2.0
+
+
+def test_gpu_recipes_run_by_default_only_with_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "tutorial" in default_measurements()
+    assert not set(GPU_RECIPES) & set(default_measurements())
+    assert device_name("cpu").startswith("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert set(GPU_RECIPES) <= set(default_measurements())

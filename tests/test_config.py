@@ -43,3 +43,15 @@ def test_shipped_recipes_leave_precision_to_the_hardware(name):
     # per step there; a recipe that fixes it would be the slow path on such a machine.
     cfg = apply_overrides(Config(), load_config(name))
     assert cfg.train.precision == "auto"
+
+
+@pytest.mark.parametrize("name", ["mnist-gpu-fast", "mnist-gpu-accurate", "fashion-mnist-gpu"])
+def test_gpu_recipes_build_their_models_and_compile(name):
+    import torch
+
+    from cnnkit.models import create_model
+
+    cfg = apply_overrides(Config(), load_config(name))
+    assert cfg.train.compile and cfg.train.batch_size >= 256
+    model = create_model(cfg.model.name, 10, 1, (28, 28))
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)

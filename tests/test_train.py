@@ -152,3 +152,29 @@ def test_compilation_time_is_reported_apart(tmp_path):
     plain = cnnkit.train(epochs=1, name="plain", runs_dir=str(tmp_path), **small)
     (row,) = load_checkpoint(plain.path / "last.pt")["train_state"]["state"]["history"]
     assert "compile_seconds" not in row
+
+
+def test_epoch_clock_times_the_host_on_a_cpu():
+    import time
+
+    from cnnkit.train.loop import _EpochClock
+
+    clock = _EpochClock(torch.device("cpu"))
+    clock.start()
+    time.sleep(0.05)
+    assert 0.05 <= clock.seconds() < 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_epoch_clock_times_the_gpu_not_the_host():
+    import time
+
+    from cnnkit.train.loop import _EpochClock
+
+    clock = _EpochClock(torch.device("cuda"))
+    clock.start()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(200_000_000)  # queued: the host goes on at once
+    queued = time.perf_counter() - t0
+    seconds = clock.seconds()
+    assert seconds > 0.02 and seconds > 10 * queued

@@ -10,11 +10,16 @@ Measurements (one JSON line per run, then a summary per measurement and the rati
   step;
 - ``keras``: the tutorial's own Keras/TensorFlow code (``cnnkit/bench_keras.py``), run
   with a Python that has TensorFlow (``--keras-python``; skipped when there is none);
-- ``mnist-fast`` and ``fashion-mnist-fast``: the fast recipes (``cnnkit/recipes/``).
+- ``mnist-fast`` and ``fashion-mnist-fast``: the fast CPU recipes (``cnnkit/recipes/``);
+- ``mnist-gpu-fast``, ``mnist-gpu-accurate`` and ``fashion-mnist-gpu``: the GPU recipes
+  (torch.compile, bf16, data and augmentation on the GPU), run by default only where CUDA
+  is available.
 
 Each runs once per seed, interleaved. Training time is the sum of the epochs' training
-seconds (no validation pass, no data loading), for the peers too; accuracy is on the
-official test set. Timings on shared machines vary: compare within one invocation.
+seconds (no validation pass, no data loading), for the peers too; on a GPU it comes from
+CUDA events. With torch.compile, the steps that compiled are left out of the training time
+and reported as ``compile_seconds``. Accuracy is on the official test set. Timings on
+shared machines vary: compare within one invocation.
 """
 
 from __future__ import annotations
@@ -51,21 +56,50 @@ def run_recipe(
     with tempfile.TemporaryDirectory() as runs:
         run = cnnkit.train(apply_overrides(cfg, overrides), runs_dir=runs, quiet=True)
         accuracy = run.evaluate(split="test", save=False).accuracy
-        history = run.history
+    return measurement(name, seed, run.config, run.history, accuracy)
+
+
+def measurement(name: str, seed: int, config, history: list[dict], accuracy: float) -> dict:
+    """One run's JSON record from its config and epoch rows: the training time without the
+    steps that compiled (reported apart), and the throughput over that time."""
     seconds = [r["seconds"] for r in history]
     images = sum(r["images_per_s"] * r["seconds"] for r in history)
-    return {
+    compiling = sum(r.get("compile_seconds") or 0.0 for r in history)
+    train_seconds = sum(seconds) - compiling
+    record = {
         "benchmark": name,
         "seed": seed,
-        "data": run.config.data.name,
+        "device": device_name(config.train.device),
+        "data": config.data.name,
         "epochs": len(history),
-        "batch_size": run.config.train.batch_size,
-        "precision": run.config.train.precision,
-        "train_seconds": round(sum(seconds), 2),
+        "batch_size": config.train.batch_size,
+        "precision": config.train.precision,
+        "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": [round(s, 2) for s in seconds],
-        "images_per_s": round(images / sum(seconds)),
+        "images_per_s": round(images / train_seconds),
         "test_accuracy": accuracy,
     }
+    if config.train.compile:
+        record["compile_seconds"] = round(compiling, 2)
+    return record
+
+
+def device_name(device: str = "auto") -> str:
+    """What ran it: the GPU's name, or the CPU's model name where the OS tells."""
+    from cnnkit.device import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return torch.cuda.get_device_name(resolved)
+    if resolved.type != "cpu":
+        return resolved.type
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    cpu = model.split(":", 1)[-1].strip()
+    return f"cpu ({cpu}, {os.cpu_count()} threads)" if cpu else "cpu"
 
 
 def pytorch_dataloader_peer(epochs: int, seed: int = 0) -> dict:
@@ -149,7 +183,7 @@ def summarise(name: str, runs: list[dict]) -> dict:
     """Medians and ranges over the runs (one per seed) of one measurement."""
     times = [r["train_seconds"] for r in runs]
     accs = [r["test_accuracy"] for r in runs]
-    return {
+    summary = {
         "benchmark": f"{name} (summary)",
         "runs": len(runs),
         "train_seconds_median": round(statistics.median(times), 2),
@@ -160,6 +194,10 @@ def summarise(name: str, runs: list[dict]) -> dict:
         "test_accuracy_min": min(accs),
         "test_accuracy_max": max(accs),
     }
+    compiling = [r["compile_seconds"] for r in runs if "compile_seconds" in r]
+    if compiling:
+        summary["compile_seconds_median"] = round(statistics.median(compiling), 2)
+    return summary
 
 
 def ratios(summaries: dict[str, dict]) -> dict[str, float]:
@@ -171,6 +209,7 @@ def ratios(summaries: dict[str, dict]) -> dict[str, float]:
     return {name: speed["tutorial"] / speed[name] for name in PEERS if name in speed}
 
 
+GPU_RECIPES = ("mnist-gpu-fast", "mnist-gpu-accurate", "fashion-mnist-gpu")
 MEASUREMENTS = (
     "tutorial",
     "tutorial-fp32",
@@ -178,8 +217,14 @@ MEASUREMENTS = (
     "keras",
     "mnist-fast",
     "fashion-mnist-fast",
+    *GPU_RECIPES,
 )
 PEERS = ("tutorial-fp32", "pytorch-dataloader", "keras")
+
+
+def default_measurements() -> list[str]:
+    """What ``cnnkit bench`` runs when not told: all, the GPU recipes only on a CUDA GPU."""
+    return [m for m in MEASUREMENTS if torch.cuda.is_available() or m not in GPU_RECIPES]
 
 
 def bench(
@@ -187,8 +232,10 @@ def bench(
 ) -> dict[str, dict]:
     """Every measurement once per seed, interleaved (seed 0 of each, then seed 1, ...) so
     that a slow spell of a shared machine does not fall on one of them only; then a summary
-    per measurement and the throughput ratios. Returns the summaries by name."""
-    wanted = [m for m in MEASUREMENTS if m in set(only or MEASUREMENTS)]
+    per measurement and the throughput ratios. Returns the summaries by name.
+
+    Without ``only``: everything, except the GPU recipes where there is no CUDA GPU."""
+    wanted = [m for m in MEASUREMENTS if m in set(only or default_measurements())]
     unknown = set(only or ()) - set(MEASUREMENTS)
     if unknown:
         raise ValueError(
@@ -206,11 +253,9 @@ def bench(
         ),
         "pytorch-dataloader": lambda seed: pytorch_dataloader_peer(epochs, seed),
         "keras": lambda seed: keras_peer(python, epochs, seed),
-        "mnist-fast": lambda seed: run_recipe("mnist-fast", RECIPES / "mnist-fast.yaml", seed),
-        "fashion-mnist-fast": lambda seed: run_recipe(
-            "fashion-mnist-fast", RECIPES / "fashion-mnist-fast.yaml", seed
-        ),
     }
+    for recipe in ("mnist-fast", "fashion-mnist-fast", *GPU_RECIPES):
+        runners[recipe] = lambda seed, r=recipe: run_recipe(r, RECIPES / f"{r}.yaml", seed)
     runs: dict[str, list[dict]] = {name: [] for name in wanted}
     for seed in range(seeds):
         for name in wanted:

@@ -16,7 +16,7 @@ SETTING_HELP = {
     "data.limit": "train on a stratified subset of at most N images",
     "data.test_split": "share held out for testing when a folder has no test/ (default 0.1)",
     "data.augment": "augmentation: auto (none for built-ins, photo for folders), none, affine, "
-    "crop-flip, flip, photo",
+    "shift, crop-flip, flip, photo",
     "data.image_size": "model input size for folder data sets (default: the backbone's, or 128)",
     "model.pretrained": "start from ImageNet weights (timm's hub cache, or the offline "
     "EfficientNet-Lite0 package)",
@@ -211,13 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="speed and accuracy of the recipes next to the peers",
         description="Runs the tutorial recipe (default settings and float32), the "
         "same recipe as typical PyTorch DataLoader code, the Keras tutorial (with "
-        "--keras-python) and the fast recipes, once per seed, interleaved; one JSON "
-        "line per run, then medians and throughput ratios.",
+        "--keras-python) and the fast recipes (GPU recipes too on a CUDA GPU), once per "
+        "seed, interleaved; one JSON line per run, then medians and throughput ratios.",
     )
     p.add_argument(
         "--only",
         help="comma-separated: tutorial, tutorial-fp32, pytorch-dataloader, keras, "
-        "mnist-fast, fashion-mnist-fast",
+        "mnist-fast, fashion-mnist-fast, and the GPU recipes mnist-gpu-fast, "
+        "mnist-gpu-accurate, fashion-mnist-gpu (default: all; the GPU recipes only where "
+        "CUDA is available)",
     )
     p.add_argument("--seeds", type=int, default=3, help="runs (seeds) per measurement (default 3)")
     p.add_argument("--epochs", type=int, default=5, help="epochs of the tutorial and peers")

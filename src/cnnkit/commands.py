@@ -358,11 +358,13 @@ def cmd_bench(args) -> int:
     )
     speedup = ratios(results)
     for name, r in results.items():
+        compiling = r.get("compile_seconds_median")
         t.add_row(
             name,
             str(r["runs"]),
             f"{r['train_seconds_median']:.1f} ({r['train_seconds_min']:.1f}-"
-            f"{r['train_seconds_max']:.1f})",
+            f"{r['train_seconds_max']:.1f})"
+            + (f" + {compiling:.0f} s compiling" if compiling is not None else ""),
             f"{r['images_per_s_median']:,}",
             f"{r['test_accuracy_mean']:.2%} ({r['test_accuracy_min']:.2%}-"
             f"{r['test_accuracy_max']:.2%})",

@@ -68,6 +68,11 @@ def _crop_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return random_flip(random_crop(x, g), g)
 
 
+def random_shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Move each image by up to 2 pixels each way (digits: no flips, no rotations)."""
+    return random_crop(x, g, padding=2)
+
+
 def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The central (h, w) window of every image."""
     h, w = size
@@ -125,6 +130,7 @@ def photo(x: torch.Tensor, g: torch.Generator, size: tuple[int, int]) -> torch.T
 PRESETS: dict[str, tuple[Augment | None, str]] = {
     "none": (None, "no augmentation"),
     "affine": (random_affine, "rotation 10 deg, zoom 0.1, shift 0.1 (the Keras tutorial's)"),
+    "shift": (random_shift, "random shift by up to 2 px, zero fill (digits, small images)"),
     "crop-flip": (_crop_flip, "random crop with 4 px padding + horizontal flip (CIFAR)"),
     "flip": (random_flip, "horizontal flip"),
     "photo": (photo, "random resized crop, flip, colour jitter (photos)"),

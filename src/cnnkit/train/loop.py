@@ -4,7 +4,8 @@ schedule; at the end of each epoch, validate, checkpoint, tell the hooks, maybe 
 The data path is the fast one: the whole training set sits on the device as uint8, a batch
 is an index slice of it, converted and augmented there as whole-batch tensor operations.
 Loss and accuracy are summed on the device; the host reads them once per epoch (and the
-progress bar every few dozen steps), never once per step.
+progress bar every few dozen steps), never once per step. On a GPU an epoch is timed with
+CUDA events, so its seconds are the GPU's, whatever the host did meanwhile.
 
 Resuming is exact: each epoch's shuffle and augmentation come from a generator seeded by
 (seed, epoch), and an interrupted epoch saves its permutation, running sums and RNG states,
@@ -148,6 +149,29 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
     return nbytes < free // 2
 
 
+class _EpochClock:
+    """Seconds of training in an epoch. On a GPU, CUDA events recorded in the stream: the
+    host queues steps ahead, so its own clock would stop before the GPU does. Elsewhere,
+    the host's clock. ``seconds()`` waits for the GPU (the epoch's one sync)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self.t0
+        self.end.record()
+        self.end.synchronize()
+        return self.begin.elapsed_time(self.end) / 1000
+
+
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Loss weights inverse to class frequency, 1 on average: n / (k * count)."""
     counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
@@ -182,9 +206,13 @@ def fit(
     dtype = resolve_precision(tc.precision, device)
     channels_last = use_channels_last(model, device) and not data.is_features
     model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotune each conv once
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if tc.compile else model
+    # Static shapes: one graph for the full batch and one for the short last batch, each
+    # specialised, rather than a shape-generic graph that would then serve every batch.
+    forward = torch.compile(model, dynamic=False) if tc.compile else model
 
     # Data that fits stays on the device; a larger set stays in host (or mapped) memory and
     # each batch moves alone.
@@ -274,14 +302,15 @@ def fit(
                 h.on_epoch_start(number, total_epochs, steps, state.step)
 
             model.train()
-            t0 = time.perf_counter()
+            clock = _EpochClock(device)
+            clock.start()
             partial = False
             step = state.step
             while step < steps:
                 if stopper.requested:
                     state.step, state.perm, state.sums = step, perm, sums
                     state.rng = _rng_state(generator, device)
-                    state.epoch_seconds += time.perf_counter() - t0
+                    state.epoch_seconds += clock.seconds()
                     state.elapsed = time.perf_counter() - budget_start
                     checkpoint(run_dir / "last.pt", with_training_state=True)
                     for h in hooks:
@@ -329,11 +358,10 @@ def fit(
                     partial, state.stop_reason = step < steps, "time_budget"
                     break
 
-            # ---- end of epoch: one host sync for the training sums, then validation. The
-            # sync comes first: on a GPU the queued steps finish only then, and the epoch's
-            # time must include them.
+            # ---- end of epoch: one host sync (the clock waits for the queued steps), the
+            # training sums, then validation.
+            seconds = state.epoch_seconds + clock.seconds()
             loss_sum, correct, count = sums.tolist()
-            seconds = state.epoch_seconds + time.perf_counter() - t0
             row = {
                 "epoch": number + 1,
                 "stage": stage.name,
