@@ -55,12 +55,13 @@ def test_bench_names_unknown_measurements():
 def test_compiling_steps_are_reported_apart_from_the_training_time():
     cfg = apply_overrides(Config(), load_config("mnist-gpu-fast"))
     history = [  # 10,000 images per epoch; the first epoch spent 3 s compiling
-        {"seconds": 5.0, "images_per_s": 2000.0, "compile_seconds": 3.0},
-        {"seconds": 2.0, "images_per_s": 5000.0},
+        {"seconds": 5.0, "images_per_s": 2000.0, "compile_seconds": 3.0, "val_acc": 0.98},
+        {"seconds": 2.0, "images_per_s": 5000.0, "val_acc": 0.99123},
     ]
     r = measurement("mnist-gpu-fast", 0, cfg, history, 0.991)
     assert (r["train_seconds"], r["compile_seconds"]) == (4.0, 3.0)
     assert r["images_per_s"] == 5000 and r["seconds_per_epoch"] == [5.0, 2.0]
+    assert r["val_acc_per_epoch"] == [0.98, 0.9912]
     s = summarise("mnist-gpu-fast", [r, {**r, "compile_seconds": 5.0}])
     assert s["compile_seconds_median"] == 4.0
     uncompiled = measurement("tutorial", 0, Config(), history[1:], 0.99)

@@ -76,6 +76,9 @@ def measurement(name: str, seed: int, config, history: list[dict], accuracy: flo
         "precision": config.train.precision,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": [round(s, 2) for s in seconds],
+        "val_acc_per_epoch": [
+            None if r.get("val_acc") is None else round(r["val_acc"], 4) for r in history
+        ],
         "images_per_s": round(images / train_seconds),
         "test_accuracy": accuracy,
     }
