@@ -49,3 +49,10 @@ def test_run_header_says_why_the_precision_and_warns_of_emulated_bf16(
     label = api._precision_label(asked, api.resolve_precision(asked, cpu), cpu)
     assert label.startswith(expected)
     assert ("warning" in label) == (asked == "bf16" and not native)
+
+
+def test_describe_names_the_hardware(monkeypatch):
+    cpu = dev.describe(torch.device("cpu"))
+    assert cpu == "cpu" or (cpu.startswith("cpu (") and f"{torch.get_num_threads()} threads" in cpu)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA Test GPU")
+    assert dev.describe(torch.device("cuda:1")) == "cuda:1 (NVIDIA Test GPU)"

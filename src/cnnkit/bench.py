@@ -89,20 +89,9 @@ def measurement(name: str, seed: int, config, history: list[dict], accuracy: flo
 
 def device_name(device: str = "auto") -> str:
     """What ran it: the GPU's name, or the CPU's model name where the OS tells."""
-    from cnnkit.device import resolve_device
+    from cnnkit.device import describe, resolve_device
 
-    resolved = resolve_device(device)
-    if resolved.type == "cuda":
-        return torch.cuda.get_device_name(resolved)
-    if resolved.type != "cpu":
-        return resolved.type
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    cpu = model.split(":", 1)[-1].strip()
-    return f"cpu ({cpu}, {os.cpu_count()} threads)" if cpu else "cpu"
+    return describe(resolve_device(device))
 
 
 def pytorch_dataloader_peer(epochs: int, seed: int = 0) -> dict:

@@ -23,6 +23,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def describe(device: torch.device) -> str:
+    """The device with its hardware's name: 'cuda (NVIDIA H100 80GB HBM3)', 'cpu (AMD EPYC,
+    2 threads)'; just the type where the name is not known."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type != "cpu":
+        return str(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("model name")), "")
+    except OSError:
+        line = ""
+    model = line.split(":", 1)[-1].strip()
+    return f"cpu ({model}, {torch.get_num_threads()} threads)" if model else "cpu"
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast
     is much faster than fp32 rather than emulated and slower."""

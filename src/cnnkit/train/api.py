@@ -23,6 +23,7 @@ from cnnkit.config import Config, apply_overrides, dump_config, resolve_key
 from cnnkit.data import DataSplits, is_builtin, load_dataset, load_folder
 from cnnkit.device import (
     cpu_has_native_bf16,
+    describe,
     inference_batch_size,
     resolve_device,
     resolve_precision,
@@ -325,7 +326,7 @@ def _describe(cfg, data, model, stages, device, run_dir, say, batch_note="") -> 
     say(
         f"train  {plan}, batch {cfg.train.batch_size}{batch_note}, {cfg.optim.optimizer} lr "
         f"{cfg.optim.lr:g} ({cfg.optim.schedule}), augment "
-        f"{'/'.join(dict.fromkeys(s.augment for s in stages))}, on {device} "
+        f"{'/'.join(dict.fromkeys(s.augment for s in stages))}, on {describe(device)} "
         f"{_precision_label(cfg.train.precision, dtype, device)}"
     )
     say(f"run    {run_dir}")
