@@ -150,14 +150,12 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
 
 
 class _EpochClock:
-    """Seconds of training in an epoch. On a GPU, CUDA events recorded in the stream: the
-    host queues steps ahead, so its own clock would stop before the GPU does. Elsewhere,
+    """Seconds of training since it was made. On a GPU, CUDA events recorded in the stream:
+    the host queues steps ahead, so its own clock would stop before the GPU does. Elsewhere,
     the host's clock. ``seconds()`` waits for the GPU (the epoch's one sync)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-
-    def start(self) -> None:
         if self.cuda:
             self.begin = torch.cuda.Event(enable_timing=True)
             self.end = torch.cuda.Event(enable_timing=True)
@@ -303,7 +301,6 @@ def fit(
 
             model.train()
             clock = _EpochClock(device)
-            clock.start()
             partial = False
             step = state.step
             while step < steps:
