@@ -6,6 +6,7 @@ from cnnkit.bench import (
     default_measurements,
     measurement,
     ratios,
+    run_recipe,
     summarise,
 )
 from cnnkit.config import Config, apply_overrides, load_config, recipe_names
@@ -75,3 +76,11 @@ def test_gpu_recipes_run_by_default_only_with_cuda(monkeypatch):
     assert not set(GPU_RECIPES) & set(default_measurements())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert set(GPU_RECIPES) <= set(default_measurements())
+
+
+def test_a_recipe_run_is_measured_from_its_own_epochs():
+    r = run_recipe("small", None, 0, epochs=2, limit=640, batch_size=64)
+    assert r["epochs"] == 2 and len(r["seconds_per_epoch"]) == 2
+    assert r["train_seconds"] == pytest.approx(sum(r["seconds_per_epoch"]), abs=0.02)
+    assert r["images_per_s"] > 0 and all(0 < a <= 1 for a in r["val_acc_per_epoch"])
+    assert 0.5 < r["test_accuracy"] <= 1 and "compile_seconds" not in r

@@ -56,7 +56,7 @@ def run_recipe(
     with tempfile.TemporaryDirectory() as runs:
         run = cnnkit.train(apply_overrides(cfg, overrides), runs_dir=runs, quiet=True)
         accuracy = run.evaluate(split="test", save=False).accuracy
-    return measurement(name, seed, run.config, run.history, accuracy)
+        return measurement(name, seed, run.config, run.history, accuracy)
 
 
 def measurement(name: str, seed: int, config, history: list[dict], accuracy: float) -> dict:

@@ -22,6 +22,7 @@ METRIC_COLUMNS = [
     "lr",
     "seconds",
     "images_per_s",
+    "compile_seconds",  # torch.compile's compiling steps in this epoch (empty without it)
 ]
 
 
