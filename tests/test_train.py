@@ -177,3 +177,16 @@ def test_epoch_clock_times_the_gpu_not_the_host():
     queued = time.perf_counter() - t0
     seconds = clock.seconds()
     assert seconds > 0.02 and seconds > 10 * queued
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_run_compiles_and_trains_on_the_gpu(tmp_path):
+    # The GPU path end to end: data and augmentation on the GPU, bf16 where supported,
+    # torch.compile with its compiling steps reported apart, CUDA-event epoch times.
+    run = cnnkit.train(
+        device="cuda", compile=True, epochs=2, runs_dir=str(tmp_path), **{**SMALL, "limit": 2000}
+    )
+    rows = load_checkpoint(run.path / "last.pt")["train_state"]["state"]["history"]
+    assert rows[0]["compile_seconds"] > 0 and "compile_seconds" not in rows[1]
+    assert all(r["seconds"] > 0 for r in rows) and rows[1]["val_acc"] > 0.5
+    assert run.evaluate(split="test", save=False).accuracy > 0.5
