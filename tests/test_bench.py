@@ -15,7 +15,7 @@ from cnnkit.config import Config, apply_overrides, load_config, recipe_names
 def test_shipped_recipes_load_by_name():
     assert {"mnist-tutorial", "mnist-fast", "fashion-mnist-fast"} <= set(recipe_names())
     cfg = apply_overrides(Config(), load_config("mnist-fast"))
-    assert (cfg.train.batch_size, cfg.optim.schedule, cfg.train.epochs) == (128, "onecycle", 3)
+    assert (cfg.train.batch_size, cfg.optim.schedule, cfg.train.epochs) == (128, "onecycle", 2)
     tutorial = apply_overrides(Config(), load_config("mnist-tutorial"))
     assert (tutorial.train.batch_size, tutorial.optim.lr, tutorial.train.epochs) == (32, 1e-3, 5)
     with pytest.raises(FileNotFoundError, match="shipped recipes: .*mnist-fast"):
