@@ -62,6 +62,9 @@ def test_compiling_steps_are_reported_apart_from_the_training_time():
     assert (r["train_seconds"], r["compile_seconds"]) == (4.0, 3.0)
     assert r["images_per_s"] == 5000 and r["seconds_per_epoch"] == [5.0, 2.0]
     assert r["val_acc_per_epoch"] == [0.98, 0.9912]
+    assert r["dtype"] in ("float32", "bfloat16") and r["precision"] == "auto"
+    fp32 = measurement("x", 0, apply_overrides(cfg, {"precision": "fp32"}), history, 0.99)
+    assert fp32["dtype"] == "float32"
     s = summarise("mnist-gpu-fast", [r, {**r, "compile_seconds": 5.0}])
     assert s["compile_seconds_median"] == 4.0
     uncompiled = measurement("tutorial", 0, Config(), history[1:], 0.99)

@@ -61,7 +61,10 @@ def run_recipe(
 
 def measurement(name: str, seed: int, config, history: list[dict], accuracy: float) -> dict:
     """One run's JSON record from its config and epoch rows: the training time without the
-    steps that compiled (reported apart), and the throughput over that time."""
+    steps that compiled (reported apart), and the throughput over that time (which counts
+    the compiling steps' images too: one or two batches per run)."""
+    from cnnkit.device import resolve_device, resolve_precision
+
     seconds = [r["seconds"] for r in history]
     images = sum(r["images_per_s"] * r["seconds"] for r in history)
     compiling = sum(r.get("compile_seconds") or 0.0 for r in history)
@@ -74,6 +77,9 @@ def measurement(name: str, seed: int, config, history: list[dict], accuracy: flo
         "epochs": len(history),
         "batch_size": config.train.batch_size,
         "precision": config.train.precision,
+        "dtype": str(
+            resolve_precision(config.train.precision, resolve_device(config.train.device))
+        ).removeprefix("torch."),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": [round(s, 2) for s in seconds],
         "val_acc_per_epoch": [
