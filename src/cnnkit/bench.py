@@ -63,8 +63,9 @@ def measurement(name: str, seed: int, config, history: list[dict], accuracy: flo
     """One run's JSON record from its config and epoch rows: the training time without the
     steps that compiled (reported apart), and the throughput over that time (which counts
     the compiling steps' images too: one or two batches per run)."""
-    from cnnkit.device import resolve_device, resolve_precision
+    from cnnkit.device import describe, resolve_device, resolve_precision
 
+    device = resolve_device(config.train.device)
     seconds = [r["seconds"] for r in history]
     images = sum(r["images_per_s"] * r["seconds"] for r in history)
     compiling = sum(r.get("compile_seconds") or 0.0 for r in history)
@@ -72,14 +73,12 @@ def measurement(name: str, seed: int, config, history: list[dict], accuracy: flo
     record = {
         "benchmark": name,
         "seed": seed,
-        "device": device_name(config.train.device),
+        "device": describe(device),
         "data": config.data.name,
         "epochs": len(history),
         "batch_size": config.train.batch_size,
         "precision": config.train.precision,
-        "dtype": str(
-            resolve_precision(config.train.precision, resolve_device(config.train.device))
-        ).removeprefix("torch."),
+        "dtype": str(resolve_precision(config.train.precision, device)).removeprefix("torch."),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": [round(s, 2) for s in seconds],
         "val_acc_per_epoch": [
@@ -91,13 +90,6 @@ def measurement(name: str, seed: int, config, history: list[dict], accuracy: flo
     if config.train.compile:
         record["compile_seconds"] = round(compiling, 2)
     return record
-
-
-def device_name(device: str = "auto") -> str:
-    """What ran it: the GPU's name, or the CPU's model name where the OS tells."""
-    from cnnkit.device import describe, resolve_device
-
-    return describe(resolve_device(device))
 
 
 def pytorch_dataloader_peer(epochs: int, seed: int = 0) -> dict:

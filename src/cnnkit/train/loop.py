@@ -37,6 +37,7 @@ from cnnkit.device import (
     use_channels_last,
 )
 from cnnkit.inference import batched_logits
+from cnnkit.train.autobatch import free_memory_bytes
 from cnnkit.train.checkpoint import save_checkpoint
 from cnnkit.train.hooks import Hook
 from cnnkit.train.optim import build_optimizer, build_schedule
@@ -145,8 +146,7 @@ def _improved(value: float, best: float | None, monitor: str) -> bool:
 def _fits_on(device: torch.device, nbytes: int) -> bool:
     if device.type != "cuda":
         return True  # the host: already where the data is (in memory or memory-mapped)
-    free, _ = torch.cuda.mem_get_info(device)
-    return nbytes < free // 2
+    return nbytes < free_memory_bytes(device) // 2
 
 
 class _EpochClock:
@@ -160,7 +160,8 @@ class _EpochClock:
             self.begin = torch.cuda.Event(enable_timing=True)
             self.end = torch.cuda.Event(enable_timing=True)
             self.begin.record()
-        self.t0 = time.perf_counter()
+        else:
+            self.t0 = time.perf_counter()
 
     def seconds(self) -> float:
         if not self.cuda:
