@@ -42,9 +42,7 @@ def build_optimizer(
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=fused)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=cfg.momentum, nesterov=True, fused=fused
-        )
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True, fused=fused)
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'; choose adam, adamw or sgd")
 
 
