@@ -89,22 +89,3 @@ def test_a_run_records_the_batch_auto_chose(mnist_dir, tmp_path):
     assert "batch_size: 32" in (run.path / "config.yaml").read_text()
     header = next(line for line in lines if line.startswith("train "))
     assert "batch 32 (auto:" in header
-
-
-def test_host_memory_without_proc_falls_back_to_sysconf(monkeypatch):
-    real_open, real_sysconf = open, autobatch.os.sysconf
-
-    def no_proc(path, *args, **kwargs):
-        if str(path).startswith("/proc"):
-            raise OSError("no /proc here")
-        return real_open(path, *args, **kwargs)
-
-    def no_free_pages(name):  # as on macOS, which keeps no count of free pages
-        if name == "SC_AVPHYS_PAGES":
-            raise ValueError("unrecognized configuration name")
-        return real_sysconf(name)
-
-    monkeypatch.setattr("builtins.open", no_proc)
-    monkeypatch.setattr(autobatch.os, "sysconf", no_free_pages)
-    expected = real_sysconf("SC_PHYS_PAGES") * real_sysconf("SC_PAGE_SIZE")
-    assert autobatch.free_memory_bytes(CPU) == expected

@@ -56,3 +56,22 @@ def test_describe_names_the_hardware(monkeypatch):
     assert cpu == "cpu" or (cpu.startswith("cpu (") and f"{torch.get_num_threads()} threads" in cpu)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA Test GPU")
     assert dev.describe(torch.device("cuda:1")) == "cuda:1 (NVIDIA Test GPU)"
+
+
+def test_host_memory_without_proc_falls_back_to_sysconf(monkeypatch):
+    real_open, real_sysconf = open, dev.os.sysconf
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc"):
+            raise OSError("no /proc here")
+        return real_open(path, *args, **kwargs)
+
+    def no_free_pages(name):  # as on macOS, which keeps no count of free pages
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return real_sysconf(name)
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    monkeypatch.setattr(dev.os, "sysconf", no_free_pages)
+    expected = real_sysconf("SC_PHYS_PAGES") * real_sysconf("SC_PAGE_SIZE")
+    assert dev.free_memory_bytes(torch.device("cpu")) == expected

@@ -1,8 +1,9 @@
-"""Choosing the device and the precision."""
+"""Choosing the device and the precision; what the device has free."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -37,6 +38,25 @@ def describe(device: torch.device) -> str:
         line = ""
     model = line.split(":", 1)[-1].strip()
     return f"cpu ({model}, {torch.get_num_threads()} threads)" if model else "cpu"
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What the device can still give: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # no /proc (macOS, BSD): the free pages, or where that is not kept, all of them
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        pages = os.sysconf("SC_PHYS_PAGES")
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def cpu_has_native_bf16() -> bool:

@@ -12,13 +12,12 @@ rescaled: a batch far from the recipe's may want a different one.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cnnkit.device import autocast
+from cnnkit.device import autocast, free_memory_bytes
 
 GPU_CEILING, CPU_CEILING = 256, 32
 GPU_SHARE, CPU_SHARE = 0.6, 0.25  # of the free memory; a CPU shares it with the data set
@@ -66,25 +65,6 @@ def saved_activation_bytes(
                 b.copy_(saved)
         model.train(was_training)
     return sum(storages.values())
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """What the device can still give: CUDA's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:  # no /proc (macOS, BSD): the free pages, or where that is not kept, all of them
-        pages = os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError):
-        pages = os.sysconf("SC_PHYS_PAGES")
-    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def choose_batch_size(

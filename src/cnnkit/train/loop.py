@@ -31,13 +31,13 @@ from cnnkit.data.augment import train_transform
 from cnnkit.data.memory import DataSplits, Normalizer
 from cnnkit.device import (
     autocast,
+    free_memory_bytes,
     inference_batch_size,
     resolve_precision,
     tune_allocator,
     use_channels_last,
 )
 from cnnkit.inference import batched_logits
-from cnnkit.train.autobatch import free_memory_bytes
 from cnnkit.train.checkpoint import save_checkpoint
 from cnnkit.train.hooks import Hook
 from cnnkit.train.optim import build_optimizer, build_schedule
