@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from cnnkit.device import tune_allocator
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_costs import Variant, step_spread  # noqa: E402  (a sibling script)
+
 
 def child(threads: int, batch: int, rounds: int, steps: int) -> None:
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cnnkit.device import tune_allocator
-    from step_costs import Variant
-
     torch.set_num_threads(threads)
     tune_allocator()
     variant = Variant(batch, torch.float32)
@@ -44,16 +44,8 @@ def spawn(threads: int, batch: int, args) -> subprocess.Popen:
 
 
 def report(name: str, times: list[float], args) -> None:
-    record = {
-        "benchmark": "core-scaling",
-        "setting": name,
-        "us_per_step_median": round(statistics.median(times)),
-        "us_per_step_min": round(min(times)),
-        "us_per_step_max": round(max(times)),
-        "rounds": args.rounds,
-        "steps": args.steps,
-    }
-    print(json.dumps(record), flush=True)
+    record = {"benchmark": "core-scaling", "setting": name, **step_spread(times)}
+    print(json.dumps({**record, "rounds": args.rounds, "steps": args.steps}), flush=True)
 
 
 def main() -> None:

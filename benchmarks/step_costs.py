@@ -105,6 +105,15 @@ class MasterWeights(Variant):
                 p.copy_(m)
 
 
+def step_spread(times_us: list[float]) -> dict:
+    """Median and range of per-step microseconds over the rounds."""
+    return {
+        "us_per_step_median": round(statistics.median(times_us)),
+        "us_per_step_min": round(min(times_us)),
+        "us_per_step_max": round(max(times_us)),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=8)
@@ -130,17 +139,9 @@ def main() -> None:
         for name, v in variants.items():
             times[name].append(v.time_us(args.steps))
     for name, t in times.items():
-        record = {
-            "benchmark": "step-cost",
-            "variant": name,
-            "us_per_step_median": round(statistics.median(t)),
-            "us_per_step_min": round(min(t)),
-            "us_per_step_max": round(max(t)),
-            "first_step_s": round(variants[name].first_step_s, 2),
-            "rounds": args.rounds,
-            "steps": args.steps,
-        }
-        print(json.dumps(record), flush=True)
+        record = {"benchmark": "step-cost", "variant": name, **step_spread(t)}
+        record["first_step_s"] = round(variants[name].first_step_s, 2)
+        print(json.dumps({**record, "rounds": args.rounds, "steps": args.steps}), flush=True)
 
 
 if __name__ == "__main__":
