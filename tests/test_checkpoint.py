@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +36,31 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a cnnkit checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run-format-1"
+
+
+def test_a_run_written_in_format_1_still_loads_and_predicts_the_same(tmp_path):
+    """tests/fixtures/run-format-1 was trained and saved by cnnkit 0.1.0 (format 1), with
+    the probabilities that version computed for eight test digits."""
+    import cnnkit
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURE, run_dir)
+    expected = torch.load(run_dir / "expected.pt", weights_only=True)
+    run = cnnkit.load_run(run_dir, device="cpu")
+    assert run.classes == [str(i) for i in range(10)]
+    assert run.checkpoint_info["epoch"] == 1
+    probs = run.probabilities(expected["images"]).cpu()
+    assert torch.allclose(probs, expected["probabilities"], atol=1e-5)
+
+
+def test_a_run_written_in_format_1_resumes(tmp_path, mnist_dir):
+    import cnnkit
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURE, run_dir)
+    run = cnnkit.resume(run_dir, epochs=2, quiet=True)
+    assert [r["epoch"] for r in run.history] == [1.0, 2.0]
+    assert load_checkpoint(run_dir / "last.pt")["train_state"]["state"]["epoch"] == 2
