@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnkit.train.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from cnnkit.runs.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):

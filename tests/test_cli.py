@@ -1,5 +1,8 @@
 import json
+import subprocess
+import sys
 
+import pytest
 import yaml
 
 from cnnkit.cli import main
@@ -48,6 +51,37 @@ def test_bad_input_is_one_clear_line(mnist_dir, tmp_path, capsys):
     assert "run not found" in capsys.readouterr().err
     assert main(["train", "--lr", "fast"]) == 1
     assert "must be float, got 'fast'" in capsys.readouterr().err
+
+
+def test_a_bad_choice_fails_before_the_run_directory_exists(tmp_path, capsys):
+    runs_dir = tmp_path / "runs"
+    code = main(["train", "--data", "mnist", "--augment", "afine", "--runs-dir", str(runs_dir)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.augment = 'afine'; choose one of: ")
+    assert "auto, none, affine, shift, crop-flip, flip, photo" in err
+    assert not runs_dir.exists()
+
+
+def test_train_help_shows_each_settings_choices(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--augment {auto,none,affine,shift,crop-flip,flip,photo}" in out
+    assert "--optimizer {adam,adamw,sgd}" in out and "--lr LR" in out
+
+
+def test_building_the_parser_does_not_import_torch():
+    # `cnnkit --help` answers at once only while the parser stays clear of torch.
+    code = (
+        "import sys; from cnnkit.cli import build_parser; build_parser(); "
+        "assert 'torch' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_datasets_and_models_listings(mnist_dir, capsys, monkeypatch):

@@ -1,6 +1,15 @@
+import re
+
 import pytest
 
-from cnnkit.config import Config, apply_overrides, dump_config, load_config, recipe_names
+from cnnkit.config import (
+    Config,
+    apply_overrides,
+    dump_config,
+    load_config,
+    recipe_names,
+    setting_fields,
+)
 
 
 def test_recipe_then_flags_override(tmp_path):
@@ -35,6 +44,24 @@ def test_bad_settings_get_clear_errors(tmp_path):
     recipe.write_text("optim: {lrr: 0.1}\n")
     with pytest.raises(KeyError, match="r.yaml: unknown setting 'optim.lrr'"):
         load_config(recipe)
+
+
+def test_augment_choices_are_the_presets():
+    # config.py cannot import cnnkit.data (torch), so it spells the preset names out.
+    from cnnkit.data.augment import PRESETS
+
+    choices = setting_fields()["data.augment"].metadata["choices"]
+    assert set(choices) == set(PRESETS) | {"auto"}
+    with pytest.raises(ValueError, match="data.augment = 'afine'; choose one of: auto, none"):
+        apply_overrides(Config(), {"augment": "afine"})
+
+
+def test_every_setting_has_help_and_its_documented_default_is_the_default():
+    for key, setting_field in setting_fields().items():
+        assert setting_field.metadata["help"], key
+        documented = re.search(r"\(default ([^\s:,)]+)\)", setting_field.metadata["help"])
+        if documented:  # e.g. "(default 0.1)": setting it must change nothing
+            assert apply_overrides(Config(), {key: documented[1]}) == Config(), key
 
 
 @pytest.mark.parametrize("name", recipe_names())

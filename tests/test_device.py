@@ -41,12 +41,9 @@ def test_native_bf16_probe_agrees_with_the_kernel():
 def test_run_header_says_why_the_precision_and_warns_of_emulated_bf16(
     monkeypatch, asked, native, expected
 ):
-    from cnnkit.train import api
-
-    monkeypatch.setattr(api, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    label = api._precision_label(asked, api.resolve_precision(asked, cpu), cpu)
+    label = dev.precision_label(asked, dev.resolve_precision(asked, cpu), cpu)
     assert label.startswith(expected)
     assert ("warning" in label) == (asked == "bf16" and not native)
 

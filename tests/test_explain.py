@@ -5,7 +5,9 @@ import torch
 from PIL import Image
 
 from cnnkit.cli import main
-from cnnkit.evaluate.explain import GradCAM, last_conv_layer
+from cnnkit.data.augment import center_crop
+from cnnkit.data.memory import Normalizer
+from cnnkit.evaluate.explain import GradCAM, explain_images, last_conv_layer, overlay
 from cnnkit.models import create_model
 
 
@@ -48,6 +50,49 @@ def test_layer_choice():
     assert last_conv_layer(model) == "blocks.8.conv2"
     with pytest.raises(ValueError, match="no layer 'nope'.*blocks.8.conv2"):
         GradCAM(model, "nope")
+
+
+def pixels(images) -> list[bytes]:
+    return [im.tobytes() for im in images]
+
+
+def test_explain_images_matches_the_inline_grad_cam_and_overlay():
+    """The same overlays and logits as GradCAM + overlay written out, for the predicted
+    class by default and for given targets."""
+    torch.manual_seed(0)
+    model = create_model("conv8same-conv16same-pool-conv16same-gap", 3, 1, (16, 16)).eval()
+    x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    normalizer = Normalizer([0.5], [0.25], torch.device("cpu"))
+
+    heat, logits = GradCAM(model)(normalizer(x))
+    images, got_logits = explain_images(model, normalizer, x)
+    assert pixels(images) == pixels(overlay(x[i], heat[i]) for i in range(len(x)))
+    torch.testing.assert_close(got_logits, logits)
+    assert all(im.size == (16, 16) and im.mode == "RGB" for im in images)
+
+    targets = torch.tensor([2, 0, 1, 2])
+    heat, _ = GradCAM(model, "features.0")(normalizer(x), targets)
+    images, _ = explain_images(model, normalizer, x, targets, layer="features.0")
+    assert pixels(images) == pixels(overlay(x[i], heat[i]) for i in range(len(x)))
+
+
+def test_explain_images_draws_on_the_centre_crop_of_images_stored_larger():
+    """Images stored at 20x24 for a 16x16 model: the overlay is drawn over the centre crop
+    the model saw, exactly as for images cropped beforehand."""
+    torch.manual_seed(0)
+    model = create_model("conv8same-conv16same-pool-conv16same-gap", 2, 3, (16, 16)).eval()
+    stored = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
+    normalizer = Normalizer([0.4, 0.5, 0.6], [0.2, 0.25, 0.3], torch.device("cpu"), crop=(16, 16))
+    cropped = center_crop(stored, (16, 16))
+
+    images, logits = explain_images(model, normalizer, stored)
+    heat, expected_logits = GradCAM(model)(normalizer(stored))
+    assert all(im.size == (16, 16) for im in images)
+    assert pixels(images) == pixels(overlay(cropped[i], heat[i]) for i in range(len(stored)))
+    torch.testing.assert_close(logits, expected_logits)
+    same, same_logits = explain_images(model, normalizer, cropped.contiguous())
+    assert pixels(images) == pixels(same)
+    torch.testing.assert_close(logits, same_logits)
 
 
 def test_explain_command_and_api(tiny_run, tmp_path, capsys):

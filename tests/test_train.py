@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cnnkit
-from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.runs.checkpoint import load_checkpoint
 from cnnkit.train.hooks import Hook
 from cnnkit.train.loop import TrainingInterrupted
 

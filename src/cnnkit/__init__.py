@@ -4,15 +4,59 @@ import cnnkit
 run = cnnkit.train(data="mnist", model="seed-cnn", epochs=5)
 report = run.evaluate(split="test")
 run.predict(["digit.png"])
+
+The public names are imported on first use (PEP 562), so ``import cnnkit`` and
+``cnnkit --help`` do not pay for importing torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from cnnkit.config import Config
-from cnnkit.data import load_dataset
-from cnnkit.models import create_model, list_models
-from cnnkit.run import Prediction, Run, load_run
-from cnnkit.train.api import resume, train
+import importlib
+
+from cnnkit.version import __version__
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Config": "cnnkit.config",
+    "load_dataset": "cnnkit.data",
+    "create_model": "cnnkit.models",
+    "list_models": "cnnkit.models",
+    "Prediction": "cnnkit.runs.inference",
+    "Run": "cnnkit.runs.run",
+    "load_run": "cnnkit.runs.run",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cnnkit' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+# cnnkit.train is both the training subpackage and the train() function. Importing any
+# cnnkit.train.* module for the first time binds the subpackage to the name, so the
+# (import-free) subpackage is loaded here first and the functions are bound after it.
+importlib.import_module("cnnkit.train")
+
+
+def train(config=None, **kwargs):
+    """Train a model and return its Run (see cnnkit.train.api.train for the settings)."""
+    from cnnkit.train.api import train as _train
+
+    return _train(config, **kwargs)
+
+
+def resume(path, **kwargs):
+    """Continue a run from its last.pt (see cnnkit.train.api.resume)."""
+    from cnnkit.train.api import resume as _resume
+
+    return _resume(path, **kwargs)
 
 
 def load(path, **kwargs):
@@ -24,6 +68,8 @@ def load(path, **kwargs):
         from cnnkit.deploy.onnx_model import OnnxModel
 
         return OnnxModel(path)
+    from cnnkit.runs.run import load_run
+
     return load_run(path, **kwargs)
 
 

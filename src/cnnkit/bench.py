@@ -8,8 +8,9 @@ Measurements (one JSON line per run, then a summary per measurement and the rati
 - ``pytorch-dataloader``: the same recipe as typical PyTorch user code: a TensorDataset of
   normalised float images, a shuffling DataLoader, a loop that reads ``loss.item()`` every
   step;
-- ``keras``: the tutorial's own Keras/TensorFlow code (``cnnkit/bench_keras.py``), run
-  with a Python that has TensorFlow (``--keras-python``; skipped when there is none);
+- ``keras``: the tutorial's own Keras/TensorFlow code (``benchmarks/bench_keras.py`` in the
+  source tree), run with a Python that has TensorFlow (``--keras-python``; skipped when
+  there is none);
 - ``mnist-fast`` and ``fashion-mnist-fast``: the fast CPU recipes (``cnnkit/recipes/``);
 - ``mnist-gpu-fast``, ``mnist-gpu-accurate`` and ``fashion-mnist-gpu``: the GPU recipes
   (torch.compile, bf16, data and augmentation on the GPU), run by default only where CUDA
@@ -35,7 +36,11 @@ from pathlib import Path
 
 import torch
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
+from cnnkit.config import RECIPES
+
+# The Keras peer is a TensorFlow script, run by another Python: it lives with the other
+# benchmark scripts in the source tree, not in the installed package.
+KERAS_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_keras.py"
 
 
 def emit(record: dict) -> dict:
@@ -63,22 +68,23 @@ def measurement(name: str, seed: int, config, history: list[dict], accuracy: flo
     """One run's JSON record from its config and epoch rows: the training time without the
     steps that compiled (reported apart), and the throughput over that time (which counts
     the compiling steps' images too: one or two batches per run)."""
-    from cnnkit.device import describe, resolve_device, resolve_precision
+    from cnnkit.device import ExecutionContext, describe
+    from cnnkit.runs.directory import throughput
 
-    device = resolve_device(config.train.device)
+    ctx = ExecutionContext.resolve(device=config.train.device, precision=config.train.precision)
     seconds = [r["seconds"] for r in history]
-    images = sum(r["images_per_s"] * r["seconds"] for r in history)
+    images, _ = throughput(history)
     compiling = sum(r.get("compile_seconds") or 0.0 for r in history)
     train_seconds = sum(seconds) - compiling
     record = {
         "benchmark": name,
         "seed": seed,
-        "device": describe(device),
+        "device": describe(ctx.device),
         "data": config.data.name,
         "epochs": len(history),
         "batch_size": config.train.batch_size,
         "precision": config.train.precision,
-        "dtype": str(resolve_precision(config.train.precision, device)).removeprefix("torch."),
+        "dtype": str(ctx.dtype).removeprefix("torch."),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": [round(s, 2) for s in seconds],
         "val_acc_per_epoch": [
@@ -156,9 +162,13 @@ def has_tensorflow(python: str) -> bool:
 
 def keras_peer(python: str, epochs: int, seed: int = 0) -> dict:
     """The Keras tutorial, run by a Python that has TensorFlow."""
-    script = Path(__file__).with_name("bench_keras.py")
+    if not KERAS_SCRIPT.is_file():
+        raise FileNotFoundError(
+            f"the Keras peer script {KERAS_SCRIPT} is not here: it is in a cnnkit source "
+            "checkout (benchmarks/bench_keras.py); run the bench from one"
+        )
     out = subprocess.run(
-        [python, str(script), "--epochs", str(epochs), "--seed", str(seed)],
+        [python, str(KERAS_SCRIPT), "--epochs", str(epochs), "--seed", str(seed)],
         capture_output=True,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},

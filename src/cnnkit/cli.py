@@ -6,79 +6,33 @@ import argparse
 import sys
 
 from cnnkit import commands
-
-# Help for every config setting; the flag is the setting's flat name (see config.resolve_key).
-SETTING_HELP = {
-    "data.name": "built-in data set (mnist, fashion-mnist, cifar10, cifar100), or a folder "
-    "or CSV list of images (a relative one is also looked up in $CNNKIT_DATA)",
-    "data.data_dir": "directory searched first for the data set's files",
-    "data.val_split": "share of the training set held out for validation (default 0.1)",
-    "data.limit": "train on a stratified subset of at most N images",
-    "data.test_split": "share held out for testing when a folder has no test/ (default 0.1)",
-    "data.augment": "augmentation: auto (none for built-ins, photo for folders), none, affine, "
-    "shift, crop-flip, flip, photo",
-    "data.image_size": "model input size for folder data sets (default: the backbone's, or 128)",
-    "model.pretrained": "start from ImageNet weights (timm's hub cache, or the offline "
-    "EfficientNet-Lite0 package)",
-    "model.weights": "a local state-dict file for the backbone",
-    "model.head": "extra head layers before the classifier, e.g. fc256-drop0.5",
-    "finetune.freeze": "keep the pretrained backbone frozen: train the head only",
-    "finetune.unfreeze": "fine-tuning unfreezes the last N blocks (default: all)",
-    "finetune.finetune_epochs": "epochs of the fine-tuning stage after the head stage (default 2)",
-    "finetune.finetune_lr": "fine-tuning learning rate (default: --lr / 10)",
-    "finetune.layer_decay": "learning-rate factor per block towards the input (default 0.7)",
-    "finetune.cache_features": "head stage on backbone features computed once (default true)",
-    "train.class_weights": "none or auto (loss weights inverse to class frequency)",
-    "train.sampler": "shuffle or balanced (every class drawn equally often)",
-    "model.name": "model: a registered name (cnnkit models), timm:<arch>, or a layer spec "
-    "such as conv32-pool-conv64-pool-drop0.25-fc64",
-    "optim.optimizer": "adam, adamw or sgd (Nesterov momentum)",
-    "optim.lr": "learning rate (default 1e-3)",
-    "optim.momentum": "SGD momentum (default 0.9)",
-    "optim.weight_decay": "weight decay, not applied to biases and norm layers",
-    "optim.schedule": "learning-rate schedule: constant, onecycle, cosine",
-    "optim.warmup_epochs": "linear warm-up epochs before the cosine schedule",
-    "optim.label_smoothing": "label smoothing of the training loss",
-    "train.epochs": "number of epochs (default 5)",
-    "train.batch_size": "batch size (default 32), or auto: the largest power of two that fits "
-    "the device's free memory, up to 256 on a GPU and 32 on a CPU",
-    "train.seed": "random seed for the split, initialisation, shuffling, augmentation",
-    "train.device": "auto, cpu, cuda, cuda:N or mps",
-    "train.precision": "auto (bf16 autocast where the GPU or CPU computes in bf16 natively, "
-    "else float32), fp32 or bf16",
-    "train.compile": "torch.compile the model (true/false); the compiling steps' time is "
-    "reported apart",
-    "train.patience": "early stopping: epochs without improvement of --monitor",
-    "train.monitor": "val_acc or val_loss: selects best.pt, drives early stopping",
-    "train.time_budget": "stop training after this many seconds (the epoch ends early)",
-    "train.eval_batch_size": "batch size for validation and evaluation",
-    "run.name": "run directory name under --runs-dir (default <data>-<model>)",
-    "run.runs_dir": "parent directory of runs (default runs)",
-}
+from cnnkit.config import FLAT_ALIASES, setting_fields
+from cnnkit.version import __version__
 
 
 def _flag(key: str) -> str:
-    from cnnkit.config import FLAT_ALIASES
-
+    """The train flag of a setting: its flat name (see config.resolve_key), dashed."""
     flat = {v: k for k, v in FLAT_ALIASES.items()}.get(key, key.split(".")[1])
     return "--" + flat.replace("_", "-")
 
 
 def _add_train(sub) -> None:
-    from cnnkit.config import Config, all_keys
-
     p = sub.add_parser(
         "train",
         help="train a model",
         description="Train a model; flags override --config, which overrides "
         "the defaults. Example: cnnkit train --data mnist --model seed-cnn",
     )
-    defaults = Config().to_dict()
-    for key in all_keys():
-        kwargs = {"dest": key, "default": argparse.SUPPRESS, "help": SETTING_HELP.get(key)}
-        section, name = key.split(".")
-        if defaults[section][name] is False:  # off by default: a plain switch turns it on
+    # One flag per setting, documented by the setting itself (config.py). The choices are
+    # shown, not enforced here: validating the Config gives the same one-line error for
+    # flags, --set and recipes alike.
+    for key, setting_field in setting_fields().items():
+        kwargs = {"dest": key, "default": argparse.SUPPRESS, "help": setting_field.metadata["help"]}
+        choices = setting_field.metadata["choices"]
+        if setting_field.default is False:  # off by default: a plain switch turns it on
             kwargs.update(action="store_const", const="true")
+        elif choices is not None:
+            kwargs["metavar"] = "{" + ",".join(choices) + "}"
         else:
             kwargs["metavar"] = key.split(".")[1].upper()
         p.add_argument(_flag(key), **kwargs)
@@ -99,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnkit", description="Train, evaluate and use image classifiers."
     )
-    from cnnkit import __version__
-
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)

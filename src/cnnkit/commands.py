@@ -159,7 +159,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from cnnkit.evaluate.compare import compare_runs
+    from cnnkit.runs.compare import compare_runs
 
     result = compare_runs(args.runs, split=args.split, plot=args.out)
     if args.json:

@@ -2,13 +2,15 @@
 
 A run's config is built from these defaults, then a YAML recipe (``--config``), then CLI
 flags or ``--set section.key=value``. The resolved config is saved as the run's
-``config.yaml`` and inside every checkpoint.
+``config.yaml`` and inside every checkpoint. Each setting carries its help text (also the
+``cnnkit train`` flag's help), its choices and its check, next to its default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,23 +18,75 @@ from typing import Any
 import yaml
 
 
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    check: tuple[Callable[[Any], bool], str] | None = None,
+) -> Any:
+    """A settings field: its default, help text, allowed values and a (predicate, problem)
+    check, which validate() applies; None, where it is the default, means unset and passes."""
+    metadata = {"help": help, "choices": choices, "check": check}
+    return field(default=default, metadata=metadata)
+
+
+# Checks shared by several settings: (predicate, the problem when it is false).
+_POSITIVE = (lambda v: v > 0, "must be positive")
+_AT_LEAST_ZERO = (lambda v: v >= 0, "must be >= 0")
+_SHARE = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "mnist"  # built-in (mnist, fashion-mnist, cifar10, cifar100), folder or CSV
-    data_dir: str | None = None  # searched before $CNNKIT_DATA and the cache
-    val_split: float = 0.1  # stratified, seeded share held out for validation
-    test_split: float = 0.1  # share held out for testing (folders without a test/ split)
-    limit: int | None = None  # train on a stratified subset of at most this many images
-    augment: str = "auto"  # auto | none | affine | crop-flip | flip | photo (data.augment)
-    image_size: int | None = None  # folders: model input size (default: backbone's, or 128)
+    name: str = setting(
+        "mnist",
+        "built-in data set (mnist, fashion-mnist, cifar10, cifar100), or a folder "
+        "or CSV list of images (a relative one is also looked up in $CNNKIT_DATA)",
+    )
+    data_dir: str | None = setting(
+        None,
+        "directory searched first for the data set's files (before $CNNKIT_DATA and the cache)",
+    )
+    val_split: float = setting(
+        0.1,
+        "stratified, seeded share of the training set held out for validation (default 0.1)",
+        check=_SHARE,
+    )
+    test_split: float = setting(
+        0.1, "share held out for testing when a folder has no test/ (default 0.1)", check=_SHARE
+    )
+    limit: int | None = setting(
+        None, "train on a stratified subset of at most N images", check=_POSITIVE
+    )
+    # The presets of data/augment.py, plus auto (tests/test_config.py keeps the two in step;
+    # importing cnnkit.data here would import torch into every layer above).
+    augment: str = setting(
+        "auto",
+        "augmentation: auto (none for built-ins, photo for folders), none, affine, "
+        "shift, crop-flip, flip, photo",
+        choices=("auto", "none", "affine", "shift", "crop-flip", "flip", "photo"),
+    )
+    image_size: int | None = setting(
+        None,
+        "model input size for folder data sets (default: the backbone's, or 128)",
+        check=(lambda v: v >= 8, "must be at least 8 pixels"),
+    )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "seed-cnn"  # registered name, timm architecture, timm:<arch>, or a layer spec
-    pretrained: bool = False  # ImageNet weights from the library's hub/cache (or a package)
-    weights: str | None = None  # a local state-dict file for the backbone
-    head: str | None = None  # extra head layers before the classifier, e.g. fc256-drop0.5
+    name: str = setting(
+        "seed-cnn",
+        "model: a registered name (cnnkit models), a timm architecture or timm:<arch>, or a "
+        "layer spec such as conv32-pool-conv64-pool-drop0.25-fc64",
+    )
+    pretrained: bool = setting(
+        False,
+        "start from ImageNet weights (timm's hub cache, or the offline EfficientNet-Lite0 package)",
+    )
+    weights: str | None = setting(None, "a local state-dict file for the backbone")
+    head: str | None = setting(None, "extra head layers before the classifier, e.g. fc256-drop0.5")
 
 
 @dataclass(frozen=True)
@@ -40,45 +94,104 @@ class FinetuneConfig:
     """Pretrained backbones: stage 1 trains the head on the frozen backbone for
     train.epochs; stage 2 unfreezes and trains everything for finetune_epochs."""
 
-    freeze: bool = False  # keep the backbone frozen throughout (stage 1 only)
-    unfreeze: int | None = None  # stage 2 unfreezes the last N blocks (default: all)
-    finetune_epochs: int = 2
-    finetune_lr: float | None = None  # stage-2 learning rate (default: optim.lr / 10)
-    layer_decay: float = 0.7  # each earlier block learns at this times the next one's rate
-    cache_features: bool = True  # stage 1 without augmentation: backbone features once
+    freeze: bool = setting(False, "keep the pretrained backbone frozen: train the head only")
+    unfreeze: int | None = setting(
+        None,
+        "fine-tuning unfreezes the last N blocks (default: all)",
+        check=(lambda v: v > 0, "must be positive (blocks to unfreeze)"),
+    )
+    finetune_epochs: int = setting(
+        2, "epochs of the fine-tuning stage after the head stage (default 2)", check=_AT_LEAST_ZERO
+    )
+    finetune_lr: float | None = setting(None, "fine-tuning learning rate (default: --lr / 10)")
+    layer_decay: float = setting(
+        0.7,
+        "learning-rate factor per block towards the input (default 0.7)",
+        check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )
+    cache_features: bool = setting(
+        True,
+        "head stage on backbone features computed once, when it has no augmentation (default true)",
+    )
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adam"  # adam | adamw | sgd (Nesterov momentum)
-    lr: float = 1e-3
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | onecycle | cosine
-    warmup_epochs: float = 0.0  # linear warm-up before the cosine schedule
-    label_smoothing: float = 0.0
+    optimizer: str = setting(
+        "adam", "adam, adamw or sgd (Nesterov momentum)", choices=("adam", "adamw", "sgd")
+    )
+    lr: float = setting(1e-3, "learning rate (default 1e-3)", check=_POSITIVE)
+    momentum: float = setting(0.9, "SGD momentum (default 0.9)")
+    weight_decay: float = setting(
+        0.0, "weight decay, not applied to biases and norm layers", check=_AT_LEAST_ZERO
+    )
+    schedule: str = setting(
+        "constant",
+        "learning-rate schedule: constant, onecycle, cosine",
+        choices=("constant", "onecycle", "cosine"),
+    )
+    warmup_epochs: float = setting(
+        0.0, "linear warm-up epochs before the cosine schedule", check=_AT_LEAST_ZERO
+    )
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss", check=_SHARE)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5
-    batch_size: int | str = 32  # or "auto": the largest that fits (train/autobatch.py)
-    seed: int = 0
-    device: str = "auto"  # auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 where the GPU or CPU has it natively) | fp32 | bf16
-    compile: bool = False  # torch.compile the model (pays off on long GPU runs)
-    patience: int | None = None  # stop after this many epochs without improvement
-    monitor: str = "val_acc"  # val_acc | val_loss: picks best.pt and drives early stopping
-    time_budget: float | None = None  # seconds of training; stops cleanly when spent
-    eval_batch_size: int = 1000
-    class_weights: str = "none"  # none | auto (loss weights inverse to class frequency)
-    sampler: str = "shuffle"  # shuffle | balanced (classes drawn equally often)
+    epochs: int = setting(5, "number of epochs (default 5)", check=_POSITIVE)
+    batch_size: int | str = setting(
+        32,
+        "batch size (default 32), or auto: the largest power of two that fits "
+        "the device's free memory, up to 256 on a GPU and 32 on a CPU",
+        check=(lambda v: v == "auto" or v > 0, "must be positive, or auto"),
+    )
+    seed: int = setting(0, "random seed for the split, initialisation, shuffling, augmentation")
+    device: str = setting("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    precision: str = setting(
+        "auto",
+        "auto (bf16 autocast where the GPU or CPU computes in bf16 natively, "
+        "else float32), fp32 or bf16",
+        choices=("auto", "fp32", "bf16"),
+    )
+    compile: bool = setting(
+        False,
+        "torch.compile the model (true/false; pays off on long GPU runs); the compiling "
+        "steps' time is reported apart",
+    )
+    patience: int | None = setting(
+        None, "early stopping: epochs without improvement of --monitor", check=_POSITIVE
+    )
+    monitor: str = setting(
+        "val_acc",
+        "val_acc or val_loss: selects best.pt, drives early stopping",
+        choices=("val_acc", "val_loss"),
+    )
+    time_budget: float | None = setting(
+        None,
+        "stop training after this many seconds (the epoch ends early)",
+        check=(lambda v: v > 0, "must be positive (seconds)"),
+    )
+    eval_batch_size: int = setting(
+        1000, "batch size for validation and evaluation", check=_POSITIVE
+    )
+    class_weights: str = setting(
+        "none",
+        "none or auto (loss weights inverse to class frequency)",
+        choices=("none", "auto"),
+    )
+    sampler: str = setting(
+        "shuffle",
+        "shuffle or balanced (every class drawn equally often)",
+        choices=("shuffle", "balanced"),
+    )
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str | None = None  # default: <data>-<model>, numbered if it exists
-    runs_dir: str = "runs"
+    name: str | None = setting(
+        None, "run directory name under --runs-dir (default <data>-<model>, numbered if taken)"
+    )
+    runs_dir: str = setting("runs", "parent directory of runs (default runs)")
 
 
 @dataclass(frozen=True)
@@ -119,6 +232,15 @@ def all_keys() -> dict[str, type]:
         for name, typ in typing.get_type_hints(klass).items():
             keys[f"{section}.{name}"] = typ
     return keys
+
+
+def setting_fields() -> dict[str, dataclasses.Field]:
+    """Every dotted key with its field: the default, and metadata help, choices and check."""
+    return {
+        f"{section}.{f.name}": f
+        for section, klass in _section_classes().items()
+        for f in dataclasses.fields(klass)
+    }
 
 
 def resolve_key(key: str) -> str:
@@ -230,63 +352,17 @@ def dump_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-_CHOICES = {
-    "optim.optimizer": ("adam", "adamw", "sgd"),
-    "optim.schedule": ("constant", "onecycle", "cosine"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.monitor": ("val_acc", "val_loss"),
-    "train.class_weights": ("none", "auto"),
-    "train.sampler": ("shuffle", "balanced"),
-}
-
-
 def validate(config: Config) -> None:
     """Raise ValueError naming the setting and the valid values."""
-    for key, choices in _CHOICES.items():
+    for key, setting_field in setting_fields().items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        if value not in choices:
+        if value is None and setting_field.default is None:
+            continue  # unset: the code that reads it picks the default
+        choices, check = setting_field.metadata["choices"], setting_field.metadata["check"]
+        if choices is not None and value not in choices:
             raise ValueError(f"{key} = {value!r}; choose one of: {', '.join(choices)}")
-    checks = [
-        ("data.val_split", 0 <= config.data.val_split < 1, "must be in [0, 1)"),
-        ("data.limit", config.data.limit is None or config.data.limit > 0, "must be positive"),
-        ("data.test_split", 0 <= config.data.test_split < 1, "must be in [0, 1)"),
-        (
-            "data.image_size",
-            config.data.image_size is None or config.data.image_size >= 8,
-            "must be at least 8 pixels",
-        ),
-        ("optim.lr", config.optim.lr > 0, "must be positive"),
-        ("finetune.finetune_epochs", config.finetune.finetune_epochs >= 0, "must be >= 0"),
-        (
-            "finetune.unfreeze",
-            config.finetune.unfreeze is None or config.finetune.unfreeze > 0,
-            "must be positive (blocks to unfreeze)",
-        ),
-        ("finetune.layer_decay", 0 < config.finetune.layer_decay <= 1, "must be in (0, 1]"),
-        ("optim.weight_decay", config.optim.weight_decay >= 0, "must be >= 0"),
-        ("optim.label_smoothing", 0 <= config.optim.label_smoothing < 1, "must be in [0, 1)"),
-        ("optim.warmup_epochs", config.optim.warmup_epochs >= 0, "must be >= 0"),
-        ("train.epochs", config.train.epochs > 0, "must be positive"),
-        (
-            "train.batch_size",
-            config.train.batch_size == "auto" or config.train.batch_size > 0,
-            "must be positive, or auto",
-        ),
-        ("train.eval_batch_size", config.train.eval_batch_size > 0, "must be positive"),
-        (
-            "train.patience",
-            config.train.patience is None or config.train.patience > 0,
-            "must be positive",
-        ),
-        (
-            "train.time_budget",
-            config.train.time_budget is None or config.train.time_budget > 0,
-            "must be positive (seconds)",
-        ),
-    ]
-    for key, ok, problem in checks:
-        if not ok:
-            section, name = key.split(".")
-            value = getattr(getattr(config, section), name)
-            raise ValueError(f"{key} = {value!r} {problem}")
+        if check is not None:
+            ok, problem = check
+            if not ok(value):
+                raise ValueError(f"{key} = {value!r} {problem}")

@@ -1,8 +1,11 @@
-"""Choosing the device and the precision; what the device has free."""
+"""Where and how a run computes: the device, the precision, the memory layout, the
+evaluation batch, what the device has free; resolved once per run into an
+``ExecutionContext`` that training, evaluation, export and serving take."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import torch
@@ -155,3 +158,83 @@ def tune_allocator() -> None:
         libc.mallopt(m_trim_threshold, 64 << 20)
     except (OSError, AttributeError):
         pass  # not glibc (musl, ...): nothing to tune
+
+
+def precision_label(asked: str, dtype: torch.dtype, device: torch.device) -> str:
+    """'float32' or 'bf16 autocast', saying why when 'auto' chose, and warning when bf16 is
+    asked for on a CPU that only emulates it (measured 10x slower per step on AVX2)."""
+    slow_cpu_bf16 = device.type == "cpu" and not cpu_has_native_bf16()
+    if dtype == torch.float32:
+        if asked == "auto" and slow_cpu_bf16:
+            return "float32 (auto: this CPU has no native bf16)"
+        return "float32"
+    if asked == "auto":
+        return "bf16 autocast (auto: native bf16 here; --precision fp32 for float32)"
+    if slow_cpu_bf16:
+        return (
+            "bf16 autocast (warning: this CPU has no native bf16, so it is emulated and "
+            "several times slower; --precision auto picks float32 here)"
+        )
+    return "bf16 autocast"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionContext:
+    """How a run computes, decided once: every part of a run asks this object rather than
+    deciding again (and perhaps differently) from the settings."""
+
+    device: torch.device
+    dtype: torch.dtype  # float32, or bfloat16 under autocast
+    precision: str  # what was asked (auto, fp32, bf16): the header says why dtype follows
+    channels_last: bool  # NHWC activations (convolutional models)
+    compile: bool  # torch.compile the training forward
+    eval_batch: int  # images per batch in validation, evaluation and prediction
+    eval_batch_limit: int  # the setting eval_batch came from (feature vectors use it as is)
+    threads: int  # intra-op threads on the CPU
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        compile: bool = False,
+        eval_batch_size: int = 1000,
+        model: torch.nn.Module | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> ExecutionContext:
+        """The context for ``model`` on images of ``image_size`` (H, W), from the settings
+        (train.device, train.precision, train.compile, train.eval_batch_size)."""
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        eval_batch = eval_batch_size
+        if image_size is not None:
+            eval_batch = inference_batch_size(eval_batch_size, tuple(image_size), dev)
+        return cls(
+            device=dev,
+            dtype=resolve_precision(precision, dev),
+            precision=precision,
+            channels_last=model is not None and use_channels_last(model, dev),
+            compile=compile,
+            eval_batch=eval_batch,
+            eval_batch_limit=eval_batch_size,
+            threads=torch.get_num_threads(),
+        )
+
+    def for_features(self) -> ExecutionContext:
+        """The same context for a head trained on feature vectors (N, D): no image layout,
+        and batches of the setting's size (a vector is not a megapixel)."""
+        return dataclasses.replace(self, channels_last=False, eval_batch=self.eval_batch_limit)
+
+    def autocast(self):
+        """bf16 autocast where the context computes in bf16, else a no-op context."""
+        return autocast(self.device, self.dtype)
+
+    def describe(self) -> str:
+        """For the run header: 'cpu (AMD EPYC, 2 threads) float32 (auto: ...)'."""
+        text = f"{describe(self.device)} {precision_label(self.precision, self.dtype, self.device)}"
+        extras = [
+            name
+            for name, on in (("channels_last", self.channels_last), ("torch.compile", self.compile))
+            if on
+        ]
+        return text + (f", {', '.join(extras)}" if extras else "")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from .augment import PRESETS as AUGMENT_PRESETS
 from .augment import get_augment
 from .builtin import (
     BUILTINS,
@@ -22,7 +21,6 @@ from .folder import list_images, load_folder
 from .memory import DataSplits, ImageTensors, Normalizer, channel_stats, stratified_split
 
 __all__ = [
-    "AUGMENT_PRESETS",
     "BUILTINS",
     "ChecksumError",
     "DataSplits",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,33 +11,109 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class ImageReadError(ValueError):
-    """An image that cannot be read or converted; the message names the file and why."""
+    """An image that cannot be read or converted; the message names the file and why.
 
-
-def open_image(path: str | Path, draft: int | None = None) -> Image.Image:
-    """Open and fully decode an image file, applying its EXIF orientation.
-
-    ``draft``: the smallest side needed; JPEGs much larger than that are decoded at a
-    reduced scale by libjpeg itself (several times faster, same result after resizing).
+    ``reason`` is the decoder's own words, where there are any.
     """
-    path = Path(path)
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+class ImageNotFoundError(ImageReadError):
+    """No file at the path, or a directory there."""
+
+
+class NotAnImageError(ImageReadError):
+    """Not an image, or a format Pillow cannot read."""
+
+
+class EmptyImageError(NotAnImageError):
+    """No bytes at all (callers may answer it apart from other non-images)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """More pixels than allowed, found from the header before the pixels are decoded.
+
+    ``size`` and ``max_pixels`` are set when ``max_pixels`` refused it; both are None when
+    Pillow's own decompression-bomb limit did.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        reason: str = "",
+        size: tuple[int, int] | None = None,
+        max_pixels: int | None = None,
+    ):
+        super().__init__(message, reason)
+        self.size, self.max_pixels = size, max_pixels
+
+
+class CorruptImageError(ImageReadError):
+    """A recognised format whose data does not decode: truncated or corrupt."""
+
+
+def open_image(
+    source: str | Path | bytes, draft: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Open and fully decode an image file or in-memory bytes, applying its EXIF orientation.
+
+    The first frame of an animation is taken. ``draft``: the smallest side needed; JPEGs much
+    larger than that are decoded at a reduced scale by libjpeg itself (several times faster,
+    same result after resizing). ``max_pixels``: refuse larger images from their header,
+    before any pixel is decoded. Every failure is an ``ImageReadError`` subclass naming the
+    source (a path, or "image data").
+    """
+    if isinstance(source, bytes):
+        name, fp = "image data", io.BytesIO(source)
+    else:
+        source = Path(source)
+        name, fp = str(source), source
     try:
-        with Image.open(path) as im:
+        with Image.open(fp) as im:  # reads the header only
+            _check_pixels(im, max_pixels, name)
             im.seek(0)  # first frame of animations
             if draft and im.format == "JPEG" and im.mode in ("RGB", "L"):
                 im.draft(im.mode, (draft, draft))
             im.load()
             return ImageOps.exif_transpose(im)
+    except ImageReadError:
+        raise
     except FileNotFoundError:
-        raise ImageReadError(f"{path}: no such file") from None
+        raise ImageNotFoundError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise ImageReadError(f"{path}: is a directory, not an image") from None
+        raise ImageNotFoundError(f"{name}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise ImageReadError(
-            f"{path}: not an image file (or a format Pillow cannot read)"
-        ) from None
+        kind = EmptyImageError if _is_empty(source) else NotAnImageError
+        raise kind(f"{name}: not an image file (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: too large to decode ({e})", str(e)) from None
+    # Image.open itself raises OSError or ValueError on some truncated headers.
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"{path}: cannot decode image ({e}); is it truncated?") from None
+        raise CorruptImageError(
+            f"{name}: cannot decode image ({e}); is it truncated?", str(e)
+        ) from None
+
+
+def _check_pixels(im: Image.Image, max_pixels: int | None, name: str) -> None:
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}",
+            size=(w, h),
+            max_pixels=max_pixels,
+        )
+
+
+def _is_empty(source: Path | bytes) -> bool:
+    if isinstance(source, bytes):
+        return not source
+    try:
+        return source.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def to_mode(im: Image.Image, channels: int) -> Image.Image:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import list_images, map_in_workers, plan_splits
+from .folder import list_images, map_in_workers
 
 MIN_PER_CLASS = 10  # fewer training images than this per class rarely gives a usable model
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this: consider --class-weights auto
@@ -356,4 +356,4 @@ def quick_check(data) -> list[Finding]:
     return findings
 
 
-__all__ = ["DoctorReport", "Finding", "check_dataset", "plan_splits", "quick_check"]
+__all__ = ["DoctorReport", "Finding", "check_dataset", "quick_check"]

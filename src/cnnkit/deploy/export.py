@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from cnnkit.version import __version__
 
 MAX_PROBABILITY_DIFFERENCE = 1e-4  # fp32 ONNX Runtime vs PyTorch: rounding only
 MIN_TOP1_AGREEMENT = 0.999
@@ -55,7 +57,6 @@ class ExportResult:
     parity: dict
     int8: dict | None = None
     int8_path: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,11 +78,8 @@ def _run(session, images: np.ndarray, batch: int = 256) -> np.ndarray:
 def _model_inputs(run, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 NCHW images of a split at the model's input size, and their labels."""
     from cnnkit.data.augment import center_crop
-    from cnnkit.train.api import load_data
 
-    data = load_data(
-        run.config, None, split_file=run.path / "split.json", preprocessing=run.preprocessing
-    )
+    data = run.data()
     part = data.split(split if split != "val" or data.val is not None else "train")
     images = part.images[:limit] if limit else part.images
     size = tuple(run.preprocessing["size"])
@@ -190,8 +188,6 @@ def export_onnx(
 ) -> ExportResult:
     """Export a run to ONNX, verify it against PyTorch, optionally quantize to int8."""
     import warnings
-
-    from cnnkit import __version__
 
     if layout not in ("nchw", "nhwc"):
         raise ValueError(f"layout must be nchw or nhwc, got '{layout}'")

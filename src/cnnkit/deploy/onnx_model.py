@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.predict import Prediction, predict_images
+from cnnkit.runs.inference import Prediction, predict_images
 
 
 class OnnxModel:

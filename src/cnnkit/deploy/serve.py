@@ -31,11 +31,25 @@ import torch
 from fastapi import FastAPI, Request  # this module is imported only to serve
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
-from cnnkit.data.decode import to_input_tensor
+from cnnkit.data.decode import (
+    EmptyImageError,
+    ImageReadError,
+    ImageTooLargeError,
+    NotAnImageError,
+    open_image,
+    to_input_tensor,
+)
+from cnnkit.runs.inference import top_k
+from cnnkit.runs.run import load_run
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 40_000_000  # about a 7,300 x 5,500 photo
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+MULTIPART_FRAMING_BYTES = 64 * 1024  # allowed on top of max_upload_bytes in Content-Length
+NOT_AN_IMAGE = (
+    "not an image, or a format that cannot be read (use JPEG, PNG, WebP, BMP, GIF or TIFF)"
+)
+EXPLAIN_NEEDS_TORCH = "Grad-CAM needs the PyTorch model: serve the run directory, not the ONNX file"
 
 
 class InputError(Exception):
@@ -53,8 +67,6 @@ class Predictor:
     """What the service needs of a model, for a run (PyTorch) or an ONNX file."""
 
     def __init__(self, path: str | Path, backend: str = "auto"):
-        import cnnkit
-
         path = Path(path)
         if backend == "auto":
             backend = "onnx" if path.suffix == ".onnx" else "torch"
@@ -71,7 +83,7 @@ class Predictor:
             # No busy-waiting worker threads: they would take the CPU from the HTTP server.
             self.model = OnnxModel(path, spinning=False)
         else:
-            self.model = cnnkit.load_run(path)
+            self.model = load_run(path)
         self.classes: list[str] = self.model.classes
         self.preprocessing: dict = self.model.preprocessing
         self.can_explain = backend == "torch"
@@ -108,41 +120,14 @@ class Predictor:
 
     def explain_png(self, image: torch.Tensor) -> tuple[str, str]:
         """(predicted class, PNG data URI of the Grad-CAM overlay) for one uint8 image."""
-        from cnnkit.evaluate.explain import GradCAM, overlay
+        from cnnkit.evaluate.explain import explain_images
 
         run = self.model
-        x = image[None].to(run.device)
-        heat, logits = GradCAM(run.model)(run.normalizer(x))
+        overlays, logits = explain_images(run.model, run.normalizer, image[None].to(run.device))
         buf = io.BytesIO()
-        overlay(x[0], heat[0]).resize((224, 224)).save(buf, format="PNG")
+        overlays[0].resize((224, 224)).save(buf, format="PNG")
         label = self.classes[int(logits.argmax(1))]
         return label, "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def decode_upload(data: bytes, preprocessing: dict, max_pixels: int) -> torch.Tensor:
-    """Bytes -> the model's uint8 input, checking the size before decoding the pixels."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise InputError(422, "empty file")
-    try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
-    except UnidentifiedImageError:
-        raise InputError(
-            415,
-            "not an image, or a format that cannot be read (use JPEG, PNG, WebP, BMP, GIF or TIFF)",
-        ) from None
-    except Image.DecompressionBombError as e:
-        raise InputError(413, f"image too large: {e}") from None
-    w, h = im.size
-    if w * h > max_pixels:
-        raise InputError(413, f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
-    try:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        return to_input_tensor(im, preprocessing)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(422, f"truncated or corrupt image ({e})") from None
 
 
 class MicroBatcher:
@@ -263,6 +248,170 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- reading the request
+
+
+async def read_uploads(
+    request: Request, max_upload_bytes: int
+) -> list[tuple[str | None, bytes | InputError]]:
+    """(name, bytes or the error) for each uploaded file: multipart files, or the raw body.
+
+    A request over the limit as a whole raises InputError; in a form, each file over the
+    limit gets its own error and the others are still read.
+    """
+    length = request.headers.get("content-length")
+    if length and int(length) > max_upload_bytes + MULTIPART_FRAMING_BYTES:
+        raise InputError(413, f"upload of {int(length):,} bytes; the limit is {max_upload_bytes:,}")
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await _read_form_files(request, max_upload_bytes)
+    return [("body", await _read_body(request, max_upload_bytes))]
+
+
+async def _read_form_files(
+    request: Request, max_upload_bytes: int
+) -> list[tuple[str | None, bytes | InputError]]:
+    form = await request.form(max_files=256)
+    files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+    if not files:
+        raise InputError(422, "no files in the form: send them as 'files'")
+    out: list[tuple[str | None, bytes | InputError]] = []
+    for f in files:
+        data = await f.read(max_upload_bytes + 1)  # one byte more tells it is over the limit
+        if len(data) > max_upload_bytes:
+            too_large = InputError(413, f"file larger than the limit of {max_upload_bytes:,} bytes")
+            out.append((f.filename, too_large))
+        else:
+            out.append((f.filename or "upload", data))
+    return out
+
+
+async def _read_body(request: Request, max_upload_bytes: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():  # stop reading as soon as it is over the limit
+        body += chunk
+        if len(body) > max_upload_bytes:
+            raise InputError(413, f"body larger than the limit of {max_upload_bytes:,} bytes")
+    if not body:
+        raise InputError(422, "empty body: send an image as the body or as multipart 'files'")
+    return bytes(body)
+
+
+def decode_upload(data: bytes, preprocessing: dict, max_pixels: int) -> torch.Tensor:
+    """Bytes -> the model's uint8 input, checking the size before decoding the pixels."""
+    try:
+        im = open_image(data, max_pixels=max_pixels)
+    except ImageReadError as e:
+        raise upload_error(e) from None
+    try:
+        return to_input_tensor(im, preprocessing)
+    except (OSError, SyntaxError, ValueError) as e:  # a mode Pillow cannot convert
+        raise InputError(422, f"truncated or corrupt image ({e})") from None
+
+
+def upload_error(e: ImageReadError) -> InputError:
+    """The API's answer to an image that does not decode: its status by the kind of failure."""
+    if isinstance(e, EmptyImageError):
+        return InputError(422, "empty file")
+    if isinstance(e, NotAnImageError):
+        return InputError(415, NOT_AN_IMAGE)
+    if isinstance(e, ImageTooLargeError):
+        if e.size is None:  # Pillow's own decompression-bomb limit
+            return InputError(413, f"image too large: {e.reason}")
+        w, h = e.size
+        return InputError(
+            413, f"image is {w}x{h} = {w * h:,} pixels; the limit is {e.max_pixels:,}"
+        )
+    return InputError(422, f"truncated or corrupt image ({e.reason})")
+
+
+# ---------------------------------------------------------------- what the endpoints do
+
+
+def error_json(status: int, message: str) -> JSONResponse:
+    """The API's error shape: ``{"error": {"status", "message"}}``."""
+    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status)
+
+
+def page_html(classes: list[str]) -> str:
+    """The web page, titled with the number of classes."""
+    page = Path(__file__).with_name("page.html").read_text()
+    return page.replace("__TITLE__", f"cnnkit: {len(classes)} classes")
+
+
+def _top_k_rows(probs: list[np.ndarray], classes: list[str], k: int) -> list[dict]:
+    """{"label", "top": [{"class", "probability"}, ...]} for each row, most probable first."""
+    return [
+        {"label": top[0][0], "top": [{"class": c, "probability": p} for c, p in top]}
+        for top in top_k(np.stack(probs), classes, k)
+    ]
+
+
+class Service:
+    """The predict and explain endpoints over one model, its batcher, metrics and limits."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        batcher: MicroBatcher,
+        metrics: Metrics,
+        max_upload_bytes: int,
+        max_pixels: int,
+    ):
+        self.predictor, self.batcher, self.metrics = predictor, batcher, metrics
+        self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
+
+    def reject(self, e: InputError) -> JSONResponse:
+        """The error response for a whole request, counted."""
+        self.metrics.errors[e.status] += 1
+        return error_json(e.status, e.message)
+
+    def decode(self, data: bytes | InputError) -> torch.Tensor:
+        """One upload -> the model's input; raises InputError (also one met while reading)."""
+        if isinstance(data, InputError):
+            raise data
+        return decode_upload(data, self.predictor.preprocessing, self.max_pixels)
+
+    async def predict(self, request: Request, k: int) -> JSONResponse:
+        """One result per file, in order; 200 when any was classified, else the first error."""
+        try:
+            uploads = await read_uploads(request, self.max_upload_bytes)
+        except InputError as e:
+            return self.reject(e)
+        results: list[dict] = []
+        ready: list[tuple[int, torch.Tensor]] = []  # (position in results, input)
+        for name, data in uploads:
+            try:
+                ready.append((len(results), self.decode(data)))
+                results.append({"file": name})
+            except InputError as e:
+                self.metrics.errors[e.status] += 1
+                results.append({"file": name, "error": {"status": e.status, "message": e.message}})
+        if ready:
+            probs = await self.batcher.submit([t for _, t in ready])
+            self.metrics.images += len(ready)
+            rows = _top_k_rows(probs, self.predictor.classes, k)
+            for (i, _), row in zip(ready, rows, strict=True):
+                results[i].update(row)
+        status = 200 if ready else results[0]["error"]["status"]
+        return JSONResponse({"predictions": results}, status_code=status)
+
+    async def explain(self, request: Request) -> dict | JSONResponse:
+        """The predicted class and its Grad-CAM overlay for the first uploaded image."""
+        if not self.predictor.can_explain:
+            return error_json(501, EXPLAIN_NEEDS_TORCH)  # an answer, not an input error
+        try:
+            name, data = (await read_uploads(request, self.max_upload_bytes))[0]
+            image = self.decode(data)
+        except InputError as e:
+            return self.reject(e)
+        loop = asyncio.get_running_loop()
+        # on the batcher's thread: the model is never run from two threads at once
+        label, uri = await loop.run_in_executor(
+            self.batcher.executor, self.predictor.explain_png, image
+        )
+        return {"file": name, "label": label, "overlay": uri}
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -275,10 +424,13 @@ def create_app(
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_PIXELS,
     top_k: int = 5,
-):
+) -> FastAPI:
+    """The FastAPI app serving the run or ONNX file at ``model_path``."""
     predictor = Predictor(model_path, backend)
     batcher = MicroBatcher(predictor.probabilities, max_batch, max_wait_ms)
     metrics = Metrics()
+    service = Service(predictor, batcher, metrics, max_upload_bytes, max_pixels)
+    html = page_html(predictor.classes)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -301,59 +453,10 @@ def create_app(
         metrics.observe(request.url.path, response.status_code, time.perf_counter() - t0)
         return response
 
-    async def read_uploads(request: Request) -> list[tuple[str, bytes | InputError]]:
-        """(name, bytes or the error) for each uploaded file, sizes enforced."""
-        length = request.headers.get("content-length")
-        if length and int(length) > max_upload_bytes + 64 * 1024:  # allow multipart framing
-            raise InputError(
-                413, f"upload of {int(length):,} bytes; the limit is {max_upload_bytes:,}"
-            )
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=256)
-            files = [v for _, v in form.multi_items() if hasattr(v, "read")]
-            if not files:
-                raise InputError(422, "no files in the form: send them as 'files'")
-            out = []
-            for f in files:
-                data = await f.read(max_upload_bytes + 1)
-                if len(data) > max_upload_bytes:
-                    out.append(
-                        (
-                            f.filename,
-                            InputError(
-                                413, f"file larger than the limit of {max_upload_bytes:,} bytes"
-                            ),
-                        )
-                    )
-                else:
-                    out.append((f.filename or "upload", data))
-            return out
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_upload_bytes:
-                raise InputError(413, f"body larger than the limit of {max_upload_bytes:,} bytes")
-        if not body:
-            raise InputError(422, "empty body: send an image as the body or as multipart 'files'")
-        return [("body", bytes(body))]
-
-    def error_response(e: InputError) -> JSONResponse:
-        metrics.errors[e.status] += 1
-        return JSONResponse(
-            {"error": {"status": e.status, "message": e.message}}, status_code=e.status
-        )
-
-    page_html = (
-        Path(__file__)
-        .with_name("page.html")
-        .read_text()
-        .replace("__TITLE__", f"cnnkit: {len(predictor.classes)} classes")
-    )
-
+    # Route functions carry no return annotation: FastAPI would take it for a response model.
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return page_html
+        return html
 
     @app.get("/healthz")
     async def healthz():
@@ -370,60 +473,12 @@ def create_app(
     @app.post("/v1/predict")
     async def predict(request: Request, k: int = top_k):
         """Classify one or more images: multipart field 'files', or an image as the body."""
-        try:
-            uploads = await read_uploads(request)
-        except InputError as e:
-            return error_response(e)
-        results: list[dict] = []
-        ready: list[tuple[int, torch.Tensor]] = []
-        for name, data in uploads:
-            try:
-                if isinstance(data, InputError):
-                    raise data
-                ready.append(
-                    (len(results), decode_upload(data, predictor.preprocessing, max_pixels))
-                )
-                results.append({"file": name})
-            except InputError as e:
-                metrics.errors[e.status] += 1
-                results.append({"file": name, "error": {"status": e.status, "message": e.message}})
-        if ready:
-            probs = await batcher.submit([t for _, t in ready])
-            metrics.images += len(ready)
-            n = min(k, len(predictor.classes))
-            for (i, _), p in zip(ready, probs, strict=True):
-                order = np.argsort(-p)[:n]
-                results[i]["label"] = predictor.classes[order[0]]
-                results[i]["top"] = [
-                    {"class": predictor.classes[j], "probability": float(p[j])} for j in order
-                ]
-        status = 200 if ready else results[0]["error"]["status"]
-        return JSONResponse({"predictions": results}, status_code=status)
+        return await service.predict(request, k)
 
     @app.post("/v1/explain")
     async def explain(request: Request):
         """Grad-CAM overlay (PNG data URI) for the predicted class of one image."""
-        if not predictor.can_explain:
-            return JSONResponse(
-                {
-                    "error": {
-                        "status": 501,
-                        "message": "Grad-CAM needs the "
-                        "PyTorch model: serve the run directory, not the ONNX file",
-                    }
-                },
-                status_code=501,
-            )
-        try:
-            name, data = (await read_uploads(request))[0]
-            if isinstance(data, InputError):
-                raise data
-            image = decode_upload(data, predictor.preprocessing, max_pixels)
-        except InputError as e:
-            return error_response(e)
-        loop = asyncio.get_running_loop()
-        label, uri = await loop.run_in_executor(batcher.executor, predictor.explain_png, image)
-        return {"file": name, "label": label, "overlay": uri}
+        return await service.explain(request)
 
     return app
 

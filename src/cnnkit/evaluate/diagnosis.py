@@ -35,26 +35,58 @@ def _finite(v) -> bool:
 def diagnose(history: list[dict], preprocessing: dict | None = None) -> list[Verdict]:
     """Verdicts on a run's per-epoch metrics (metrics.csv rows); 'healthy' if none apply."""
     out: list[Verdict] = []
-    if preprocessing is not None:
-        mean, std = preprocessing.get("mean", []), preprocessing.get("std", [])
-        if mean and all(m == 0 for m in mean) and all(s == 1 for s in std):
-            out.append(
-                Verdict(
-                    "unnormalised-inputs",
-                    "inputs reach the model in raw [0, 1] units: no mean subtraction or scaling",
-                    {"mean": mean[0], "std": std[0]},
-                    [
-                        "normalise with the training set's per-channel mean and std (cnnkit does "
-                        "this unless the statistics were overridden)"
-                    ],
-                )
-            )
+    if preprocessing is not None and (unnormalised := _unnormalised_inputs(preprocessing)):
+        out.append(unnormalised)
     if not history:
         return out
-    train = [r["train_loss"] for r in history]
+    if diverging := _diverging(history):
+        # a diverged curve says nothing about fit or convergence: stop at this verdict
+        out.append(diverging)
+        return out
+    if flat := _flat(history):
+        out.append(flat)
+    if overfitting := _overfitting(history):
+        out.append(overfitting)
+    # a flat loss already explains a low training accuracy
+    if (underfitting := _underfitting(history)) and not flat:
+        out.append(underfitting)
+    # an overfitting or flat run is not helped by more epochs of the same
+    if len(history) >= 2 and not (overfitting or flat) and (still := _not_converged(history)):
+        out.append(still)
+    if not out:
+        out.append(_healthy(history))
+    return out
+
+
+def _train_losses(history: list[dict]) -> list[float]:
+    return [r["train_loss"] for r in history]
+
+
+def _has_validation(history: list[dict]) -> bool:
+    return all(r.get("val_loss") is not None for r in history)
+
+
+def _unnormalised_inputs(preprocessing: dict) -> Verdict | None:
+    """Inputs fed in [0, 1] units: mean 0 and std 1 on every channel."""
+    mean, std = preprocessing.get("mean", []), preprocessing.get("std", [])
+    if not (mean and all(m == 0 for m in mean) and all(s == 1 for s in std)):
+        return None
+    return Verdict(
+        "unnormalised-inputs",
+        "inputs reach the model in raw [0, 1] units: no mean subtraction or scaling",
+        {"mean": mean[0], "std": std[0]},
+        [
+            "normalise with the training set's per-channel mean and std (cnnkit does "
+            "this unless the statistics were overridden)"
+        ],
+    )
+
+
+def _diverging(history: list[dict]) -> Verdict | None:
+    """A non-finite loss, or a final training loss well above its lowest."""
+    train = _train_losses(history)
     last = history[-1]
     lowest = min(v for v in train if _finite(v)) if any(_finite(v) for v in train) else None
-
     bad = next(
         (
             r
@@ -64,116 +96,131 @@ def diagnose(history: list[dict], preprocessing: dict | None = None) -> list[Ver
         ),
         None,
     )
-    if bad is not None or (lowest is not None and train[-1] > 1.5 * lowest and train[-1] > 0.1):
-        epoch = bad["epoch"] if bad else last["epoch"]
-        value = bad["train_loss"] if bad else train[-1]
-        out.append(
-            Verdict(
-                "diverging",
-                f"the training loss diverged: {value} at epoch {int(epoch)}"
-                + (f" (lowest was {lowest:.4f})" if lowest is not None else ""),
-                {"epoch": epoch, "train_loss": value, "lowest_train_loss": lowest},
-                [
-                    "lower the learning rate (--lr), e.g. by 10x",
-                    "add warm-up (--schedule cosine --warmup-epochs 1)",
-                    "check the inputs for extreme values",
-                ],
-            )
+    if not (
+        bad is not None or (lowest is not None and train[-1] > 1.5 * lowest and train[-1] > 0.1)
+    ):
+        return None
+    epoch = bad["epoch"] if bad else last["epoch"]
+    value = bad["train_loss"] if bad else train[-1]
+    return Verdict(
+        "diverging",
+        f"the training loss diverged: {value} at epoch {int(epoch)}"
+        + (f" (lowest was {lowest:.4f})" if lowest is not None else ""),
+        {"epoch": epoch, "train_loss": value, "lowest_train_loss": lowest},
+        [
+            "lower the learning rate (--lr), e.g. by 10x",
+            "add warm-up (--schedule cosine --warmup-epochs 1)",
+            "check the inputs for extreme values",
+        ],
+    )
+
+
+def _flat(history: list[dict]) -> Verdict | None:
+    """The training loss fell by less than FLAT of its first value over the run."""
+    train = _train_losses(history)
+    if not (len(history) >= 2 and (train[0] - train[-1]) < FLAT * train[0]):
+        return None
+    return Verdict(
+        "flat",
+        f"the training loss barely moved: {train[0]:.4f} at epoch 1, {train[-1]:.4f} at "
+        f"epoch {int(history[-1]['epoch'])}",
+        {"first_train_loss": train[0], "last_train_loss": train[-1]},
+        [
+            "raise the learning rate (--lr)",
+            "train longer (--epochs)",
+            "use a bigger model",
+            "check that the labels match the images",
+        ],
+    )
+
+
+def _overfitting(history: list[dict]) -> Verdict | None:
+    """Validation loss rising while training loss falls, or a train/validation accuracy gap."""
+    if not _has_validation(history):
+        return None
+    train = _train_losses(history)
+    last = history[-1]
+    val = [r["val_loss"] for r in history]
+    best = min(range(len(val)), key=val.__getitem__)
+    rising = best < len(val) - 1 and val[-1] > (1 + RISE) * val[best] and train[-1] < train[best]
+    gap = last["train_acc"] - last["val_acc"]
+    if not (rising or gap > GAP):
+        return None
+    parts = []
+    if rising:
+        parts.append(
+            f"validation loss rose from {val[best]:.4f} (epoch "
+            f"{int(history[best]['epoch'])}) to {val[-1]:.4f} while training "
+            f"loss fell from {train[best]:.4f} to {train[-1]:.4f}"
         )
-        return out
-
-    if len(history) >= 2 and (train[0] - train[-1]) < FLAT * train[0]:
-        out.append(
-            Verdict(
-                "flat",
-                f"the training loss barely moved: {train[0]:.4f} at epoch 1, {train[-1]:.4f} at "
-                f"epoch {int(last['epoch'])}",
-                {"first_train_loss": train[0], "last_train_loss": train[-1]},
-                [
-                    "raise the learning rate (--lr)",
-                    "train longer (--epochs)",
-                    "use a bigger model",
-                    "check that the labels match the images",
-                ],
-            )
+    if gap > GAP:
+        parts.append(
+            f"training accuracy {last['train_acc']:.2%} vs validation "
+            f"{last['val_acc']:.2%} (a gap of {gap * 100:.1f} points)"
         )
+    return Verdict(
+        "overfitting",
+        "the model overfits: " + "; ".join(parts),
+        {
+            "best_val_loss": val[best],
+            "best_val_epoch": history[best]["epoch"],
+            "last_val_loss": val[-1],
+            "train_val_accuracy_gap": gap,
+        },
+        [
+            "add dropout (e.g. --model seed-cnn-dropout, or drop<P> tokens)",
+            "augment the data (--augment affine / crop-flip / photo)",
+            "use a smaller model",
+            "get more data",
+            "stop early (--patience 2): best.pt already keeps the best epoch",
+        ],
+    )
 
-    has_val = all(r.get("val_loss") is not None for r in history)
-    if has_val:
-        val = [r["val_loss"] for r in history]
-        best = min(range(len(val)), key=val.__getitem__)
-        rising = (
-            best < len(val) - 1 and val[-1] > (1 + RISE) * val[best] and train[-1] < train[best]
+
+def _underfitting(history: list[dict]) -> Verdict | None:
+    """Final training accuracy below LOW_ACCURACY."""
+    last = history[-1]
+    if not last["train_acc"] < LOW_ACCURACY:
+        return None
+    return Verdict(
+        "underfitting",
+        f"training accuracy is only {last['train_acc']:.2%} after {int(last['epoch'])} "
+        "epochs: the model does not fit even the training data",
+        {"last_train_acc": last["train_acc"]},
+        [
+            "train longer (--epochs)",
+            "raise the learning rate (--lr)",
+            "use a bigger model (more filters or layers)",
+        ],
+    )
+
+
+def _not_converged(history: list[dict]) -> Verdict | None:
+    """The last epoch still cut the training loss by over STILL_FALLING (and the validation
+    loss fell too, if there is one)."""
+    train = _train_losses(history)
+    has_val = _has_validation(history)
+    drop = (train[-2] - train[-1]) / train[-2] if train[-2] > 0 else 0.0
+    val_falling = not has_val or history[-1]["val_loss"] < history[-2]["val_loss"]
+    if not (drop > STILL_FALLING and val_falling):
+        return None
+    return Verdict(
+        "not-converged",
+        f"still improving: the last epoch cut the training loss by {drop:.0%}"
+        + (" and the validation loss fell too" if has_val else ""),
+        {"last_epoch_loss_drop": drop},
+        ["train longer (--epochs, or --resume with a larger --epochs)"],
+    )
+
+
+def _healthy(history: list[dict]) -> Verdict:
+    """No rule applied: the losses and, with validation, the accuracy and gap."""
+    train = _train_losses(history)
+    last = history[-1]
+    summary = f"no problem found: training loss {train[0]:.4f} -> {train[-1]:.4f}"
+    if _has_validation(history):
+        summary += (
+            f", validation accuracy {last['val_acc']:.2%} with a train/validation "
+            f"gap of {(last['train_acc'] - last['val_acc']) * 100:.1f} points"
         )
-        gap = last["train_acc"] - last["val_acc"]
-        if rising or gap > GAP:
-            parts = []
-            if rising:
-                parts.append(
-                    f"validation loss rose from {val[best]:.4f} (epoch "
-                    f"{int(history[best]['epoch'])}) to {val[-1]:.4f} while training "
-                    f"loss fell from {train[best]:.4f} to {train[-1]:.4f}"
-                )
-            if gap > GAP:
-                parts.append(
-                    f"training accuracy {last['train_acc']:.2%} vs validation "
-                    f"{last['val_acc']:.2%} (a gap of {gap * 100:.1f} points)"
-                )
-            out.append(
-                Verdict(
-                    "overfitting",
-                    "the model overfits: " + "; ".join(parts),
-                    {
-                        "best_val_loss": val[best],
-                        "best_val_epoch": history[best]["epoch"],
-                        "last_val_loss": val[-1],
-                        "train_val_accuracy_gap": gap,
-                    },
-                    [
-                        "add dropout (e.g. --model seed-cnn-dropout, or drop<P> tokens)",
-                        "augment the data (--augment affine / crop-flip / photo)",
-                        "use a smaller model",
-                        "get more data",
-                        "stop early (--patience 2): best.pt already keeps the best epoch",
-                    ],
-                )
-            )
-
-    if last["train_acc"] < LOW_ACCURACY and not any(v.verdict == "flat" for v in out):
-        out.append(
-            Verdict(
-                "underfitting",
-                f"training accuracy is only {last['train_acc']:.2%} after {int(last['epoch'])} "
-                "epochs: the model does not fit even the training data",
-                {"last_train_acc": last["train_acc"]},
-                [
-                    "train longer (--epochs)",
-                    "raise the learning rate (--lr)",
-                    "use a bigger model (more filters or layers)",
-                ],
-            )
-        )
-
-    if len(history) >= 2 and not any(v.verdict in ("overfitting", "flat") for v in out):
-        drop = (train[-2] - train[-1]) / train[-2] if train[-2] > 0 else 0.0
-        val_falling = not has_val or history[-1]["val_loss"] < history[-2]["val_loss"]
-        if drop > STILL_FALLING and val_falling:
-            out.append(
-                Verdict(
-                    "not-converged",
-                    f"still improving: the last epoch cut the training loss by {drop:.0%}"
-                    + (" and the validation loss fell too" if has_val else ""),
-                    {"last_epoch_loss_drop": drop},
-                    ["train longer (--epochs, or --resume with a larger --epochs)"],
-                )
-            )
-
-    if not out:
-        summary = f"no problem found: training loss {train[0]:.4f} -> {train[-1]:.4f}"
-        if has_val:
-            summary += (
-                f", validation accuracy {last['val_acc']:.2%} with a train/validation "
-                f"gap of {(last['train_acc'] - last['val_acc']) * 100:.1f} points"
-            )
-        out.append(Verdict("healthy", summary, {"last_train_loss": train[-1]}))
-    return out
+    return Verdict("healthy", summary, {"last_train_loss": train[-1]})

@@ -7,10 +7,19 @@ of that weighted sum, upsampled to the image, is the heatmap.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cnnkit.data.augment import center_crop
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from cnnkit.data.memory import Normalizer
 
 
 def conv_layers(model: nn.Module) -> list[str]:
@@ -94,3 +103,26 @@ def overlay(image: torch.Tensor, cam: torch.Tensor, alpha: float = 0.45):
     base = img.permute(1, 2, 0).numpy().astype(np.float32)
     heat = _jet(cam.detach().cpu().numpy()).astype(np.float32)
     return Image.fromarray((base * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8))
+
+
+def explain_images(
+    model: nn.Module,
+    normalizer: Normalizer,
+    images: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    layer: str | None = None,
+) -> tuple[list[Image.Image], torch.Tensor]:
+    """Grad-CAM overlays (one PIL image each) and the logits for a uint8 batch (N, C, H, W).
+
+    ``images`` are on the model's device, at the model's input size or stored larger (the
+    normalizer then centre-crops them). ``targets``: the class whose evidence to show for
+    each image (default: the predicted class). ``layer``: as for GradCAM.
+    """
+    x = normalizer(images)
+    if targets is not None:
+        targets = targets.to(x.device)
+    heat, logits = GradCAM(model, layer)(x, targets)
+    # draw over the pixels the model saw, not the border the crop dropped
+    size = tuple(x.shape[-2:])
+    shown = images if tuple(images.shape[-2:]) == size else center_crop(images, size)
+    return [overlay(image, cam) for image, cam in zip(shown, heat, strict=True)], logits

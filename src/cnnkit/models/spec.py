@@ -7,6 +7,8 @@ class is always appended (flattening first if needed).
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,10 +35,50 @@ _TOKENS = {
     "drop": re.compile(r"drop(\d*\.?\d+)"),
     "fc": re.compile(r"fc(\d+)"),
 }
+# Tokens that need a feature map (H x W), so cannot follow fc, gap or flatten.
+_SPATIAL_KINDS = ("conv", "pool", "avgpool", "gap")
 
 
 class LayerSpecError(ValueError):
     """A layer spec that cannot be built; the message points at the bad token."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """One '-'-separated token of a spec: its kind (None: not a token of the grammar asked
+    for), its numbers with defaults filled in, and what is wrong with them (None: nothing)."""
+
+    text: str
+    kind: str | None
+    args: tuple[int | float | bool, ...] = ()
+    problem: str | None = None
+
+
+def tokenize(spec: str, kinds: Collection[str] = tuple(_TOKENS)) -> list[Token]:
+    """Split ``spec`` at '-' and parse each token as one of ``kinds`` (default: all)."""
+    return [_parse_token(text, kinds) for text in spec.split("-")]
+
+
+def _parse_token(text: str, kinds: Collection[str]) -> Token:
+    kind, m = next(
+        ((k, m) for k, p in _TOKENS.items() if k in kinds and (m := p.fullmatch(text))),
+        (None, None),
+    )
+    if kind == "conv":
+        args = (int(m[1]), int(m[2] or 3), bool(m[3]))
+        bad, problem = min(args[:2]) < 1, "needs at least 1 filter and a kernel of 1 or more."
+    elif kind in ("pool", "avgpool"):
+        args = (int(m[1] or 2),)
+        bad, problem = args[0] < 1, "needs a window of 1 or more."
+    elif kind == "drop":
+        args = (float(m[1]),)
+        bad, problem = not 0 <= args[0] < 1, f"has dropout {args[0]}; it must be in [0, 1)."
+    elif kind == "fc":
+        args = (int(m[1]),)
+        bad, problem = args[0] < 1, "needs at least 1 unit."
+    else:  # gap, bn and flatten have no numbers; None is no token at all
+        args, bad, problem = (), False, None
+    return Token(text, kind, args, problem if bad else None)
 
 
 def looks_like_spec(name: str) -> bool:
@@ -82,68 +124,58 @@ def build_spec_model(
     """Build a SpecNet, checking every token and the feature-map size as it goes."""
     if kwargs:
         raise TypeError(f"layer-spec models take no extra arguments, got {sorted(kwargs)}")
-    tokens = spec.split("-")
+    tokens = tokenize(spec)
+    texts = [t.text for t in tokens]
     features: list[nn.Module] = []
     head: list[nn.Module] = []
     channels, (h, w) = in_chans, input_size
     flat: int | None = None  # set once the tensor is flattened
 
     for i, tok in enumerate(tokens):
-        kind, match = next(
-            ((k, m) for k, p in _TOKENS.items() if (m := p.fullmatch(tok))), (None, None)
-        )
-        if kind is None:
-            raise _error(spec, tokens, i, "is not a valid token.")
-        spatial_only = kind in ("conv", "pool", "avgpool", "gap")
-        if flat is not None and spatial_only:
+        if tok.kind is None:
+            raise _error(spec, texts, i, "is not a valid token.")
+        if flat is not None and tok.kind in _SPATIAL_KINDS:
             raise _error(
                 spec,
-                tokens,
+                texts,
                 i,
                 "needs a feature map but the tensor is already flat "
                 "(after fc/gap/flatten); move it before them.",
             )
+        if tok.problem:
+            raise _error(spec, texts, i, tok.problem)
         layers = features if flat is None else head
 
-        if kind == "conv":
-            filters, k = int(match[1]), int(match[2] or 3)
-            if filters < 1 or k < 1:
-                raise _error(spec, tokens, i, "needs at least 1 filter and a kernel of 1 or more.")
-            pad = "same" if match[3] else 0
+        if tok.kind == "conv":
+            filters, k, same = tok.args
+            pad = "same" if same else 0
             layers += [nn.Conv2d(channels, filters, k, padding=pad), nn.ReLU(inplace=True)]
             channels = filters
-            if not match[3]:
+            if not same:
                 h, w = h - k + 1, w - k + 1
-        elif kind in ("pool", "avgpool"):
-            k = int(match[1] or 2)
-            if k < 1:
-                raise _error(spec, tokens, i, "needs a window of 1 or more.")
-            if kind == "pool" and layers and isinstance(layers[-1], nn.ReLU):
+        elif tok.kind in ("pool", "avgpool"):
+            (k,) = tok.args
+            if tok.kind == "pool" and layers and isinstance(layers[-1], nn.ReLU):
                 # Max pooling commutes with ReLU, so pool first: the same outputs and
                 # gradients, with the ReLU and its backward on a quarter of the values
                 # (the tutorial CNN's training step is 6-10% faster on a CPU).
                 layers.insert(len(layers) - 1, nn.MaxPool2d(k))
             else:
-                layers.append(nn.MaxPool2d(k) if kind == "pool" else nn.AvgPool2d(k))
+                layers.append(nn.MaxPool2d(k) if tok.kind == "pool" else nn.AvgPool2d(k))
             h, w = h // k, w // k
-        elif kind == "gap":
+        elif tok.kind == "gap":
             layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
             flat = channels
-        elif kind == "flatten":
+        elif tok.kind == "flatten":
             if flat is None:
                 layers.append(nn.Flatten())
                 flat = channels * h * w
-        elif kind == "bn":
+        elif tok.kind == "bn":
             layers.append(nn.BatchNorm2d(channels) if flat is None else nn.BatchNorm1d(flat))
-        elif kind == "drop":
-            p = float(match[1])
-            if not 0 <= p < 1:
-                raise _error(spec, tokens, i, f"has dropout {p}; it must be in [0, 1).")
-            layers.append(nn.Dropout(p))
-        elif kind == "fc":
-            units = int(match[1])
-            if units < 1:
-                raise _error(spec, tokens, i, "needs at least 1 unit.")
+        elif tok.kind == "drop":
+            layers.append(nn.Dropout(tok.args[0]))
+        elif tok.kind == "fc":
+            (units,) = tok.args
             if flat is None:
                 head.append(nn.Flatten())
                 flat = channels * h * w
@@ -152,7 +184,7 @@ def build_spec_model(
         if h < 1 or w < 1:
             raise _error(
                 spec,
-                tokens,
+                texts,
                 i,
                 f"shrinks the {input_size[0]}x{input_size[1]} input to nothing ({h}x{w}); "
                 "remove a pooling layer, use 'same' padding or a larger image size.",

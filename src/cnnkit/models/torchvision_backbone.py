@@ -40,7 +40,7 @@ def preprocessing(name: str) -> dict:
     t = default_weights(name).transforms()
     crop, resize = t.crop_size[0], t.resize_size[0]
     return {
-        "input_size": (crop, crop),
+        "size": (crop, crop),
         "mean": tuple(t.mean),
         "std": tuple(t.std),
         "interpolation": t.interpolation.value,

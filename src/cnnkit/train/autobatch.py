@@ -28,7 +28,6 @@ BACKWARD_MARGIN = 2.0  # gradients of the activations and kernel workspaces, on 
 class BatchChoice:
     batch_size: int
     per_image_bytes: int
-    budget_bytes: int
     reason: str  # for the run header
 
 
@@ -108,4 +107,4 @@ def choose_batch_size(
         f"auto: {per_image / 2**20:.2f} MiB of activations per image, "
         f"{budget / 2**30:.1f} GiB to use; limited by the {limit}"
     )
-    return BatchChoice(batch, per_image, budget, reason)
+    return BatchChoice(batch, per_image, reason)

@@ -5,25 +5,13 @@ They are called by ``fit()`` at fixed points and never change what it does.
 
 from __future__ import annotations
 
-import csv
 import logging
 import sys
 from pathlib import Path
 
 import torch
 
-METRIC_COLUMNS = [
-    "epoch",
-    "stage",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "lr",
-    "seconds",
-    "images_per_s",
-    "compile_seconds",  # torch.compile's compiling steps in this epoch (empty without it)
-]
+from cnnkit.runs.directory import append_metrics
 
 
 class Hook:
@@ -131,27 +119,7 @@ class MetricsCSV(Hook):
         self.path = path
 
     def on_epoch_end(self, row: dict) -> None:
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.csv as a list of dicts: floats (None for empty cells), the stage as text."""
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-
-    def value(key: str, v: str | None):
-        if key == "stage":
-            return v or "train"
-        return float(v) if v not in ("", None) else None
-
-    return [{k: value(k, v) for k, v in r.items()} for r in rows]
+        append_metrics(self.path, row)
 
 
 class TextLog(Hook):

@@ -18,6 +18,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +29,14 @@ from torch import nn
 
 from cnnkit.config import Config
 from cnnkit.data.augment import train_transform
-from cnnkit.data.memory import DataSplits, Normalizer
-from cnnkit.device import (
-    autocast,
-    free_memory_bytes,
-    inference_batch_size,
-    resolve_precision,
-    tune_allocator,
-    use_channels_last,
-)
-from cnnkit.inference import batched_logits
-from cnnkit.train.checkpoint import save_checkpoint
-from cnnkit.train.hooks import Hook
-from cnnkit.train.optim import build_optimizer, build_schedule
+from cnnkit.data.memory import DataSplits, ImageTensors, Normalizer
+from cnnkit.device import ExecutionContext, free_memory_bytes, tune_allocator
+from cnnkit.runs.checkpoint import checkpoint_payload, save_checkpoint
+from cnnkit.runs.inference import batched_logits
+
+from .hooks import Hook
+from .optim import build_optimizer, build_schedule
+from .stages import Stage
 
 
 class TrainingInterrupted(Exception):
@@ -51,18 +47,6 @@ class TrainingInterrupted(Exception):
         super().__init__(
             f"interrupted at epoch {epoch + 1}, step {step}/{steps}; saved {checkpoint}"
         )
-
-
-@dataclass
-class Stage:
-    """One phase of a run. Training from scratch has one; fine-tuning a pretrained backbone
-    has two: the head on the frozen backbone, then (part of) the backbone too."""
-
-    name: str = "train"
-    epochs: int = 5
-    augment: str = "none"
-    lr: float = 1e-3
-    param_groups: list[dict] | None = None  # default: every trainable parameter at lr
 
 
 @dataclass
@@ -177,14 +161,229 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return len(labels) / (num_classes * counts)
 
 
+@dataclass
+class _Setup:
+    """What one stage trains with, prepared once by ``_prepare``."""
+
+    model: nn.Module  # what is trained
+    saved_model: nn.Module  # what the checkpoints save (the whole model, around a head)
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, compiled if asked
+    train: ImageTensors  # on the device when it fits there, else in host memory
+    resident: bool
+    val: ImageTensors | None  # on the device
+    normalizer: Normalizer
+    augment: Callable | None
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # shuffling and augmentation
+    monitor: str  # the value that picks best.pt
+    loss_weights: torch.Tensor | None
+    sample_weights: torch.Tensor | None  # balanced sampling: each image's chance
+    batch_size: int
+    steps: int  # per epoch
+
+
+def _prepare(
+    model: nn.Module, saved_model: nn.Module, data: DataSplits, cfg: Config, ctx, stage: Stage
+) -> _Setup:
+    device = ctx.device
+    model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotune each conv once
+    if ctx.channels_last:
+        model.to(memory_format=torch.channels_last)
+    # Static shapes: one graph for the full batch and one for the short last batch, each
+    # specialised, rather than a shape-generic graph that would then serve every batch.
+    forward = torch.compile(model, dynamic=False) if ctx.compile else model
+    # Data that fits stays on the device; a larger set stays in host (or mapped) memory and
+    # each batch moves alone.
+    resident = _fits_on(device, data.train.images.nbytes)
+    train = data.train.to(device) if resident else data.train
+    augment = None
+    if not data.is_features:
+        augment = train_transform(stage.augment, data.stored_size, data.shape[1:])
+    steps = math.ceil(len(train) / cfg.train.batch_size)
+    optimizer = build_optimizer(model, cfg.optim, lr=stage.lr, param_groups=stage.param_groups)
+    val = data.val.to(device) if data.val is not None and len(data.val) else None
+    num_classes = len(data.classes)
+    weights = class_weights(train.labels, num_classes)
+    return _Setup(
+        model=model,
+        saved_model=saved_model,
+        forward=forward,
+        train=train,
+        resident=resident,
+        val=val,
+        normalizer=Normalizer(data.mean, data.std, device, crop=data.input_size),
+        augment=augment,
+        optimizer=optimizer,
+        schedule=build_schedule(optimizer, cfg.optim, stage.epochs, steps),
+        generator=torch.Generator(device=device),
+        # Without a validation split, best.pt follows the training metrics (and says so).
+        monitor=cfg.train.monitor
+        if val is not None
+        else cfg.train.monitor.replace("val_", "train_"),
+        loss_weights=weights.to(device) if cfg.train.class_weights == "auto" else None,
+        sample_weights=weights[train.labels].to(device)
+        if cfg.train.sampler == "balanced"
+        else None,
+        batch_size=cfg.train.batch_size,
+        steps=steps,
+    )
+
+
+def _restore(
+    setup: _Setup, stage: Stage, previous: TrainState | None, resume: dict | None, device
+) -> TrainState:
+    """The state to start from: an interrupted run's, or a fresh one carrying on from the
+    stage before (its history and best value)."""
+    if resume is not None:
+        setup.optimizer.load_state_dict(resume["optimizer"])
+        setup.schedule.load_state_dict(resume["schedule"])
+        state = TrainState(**resume["state"])
+        if state.sums is not None:
+            state.perm, state.sums = state.perm.to(device), state.sums.to(device)
+        return state
+    state = TrainState(stage=stage.name)
+    if previous is not None:
+        state.history, state.elapsed = list(previous.history), previous.elapsed
+        state.best, state.best_epoch = previous.best, previous.best_epoch
+        state.epoch_offset = len(previous.history)
+    return state
+
+
+def _epoch_order(setup: _Setup, state: TrainState, seed: int, number: int, device):
+    """(the epoch's order of images, its running sums): drawn fresh from (seed, epoch), or
+    an interrupted epoch's, with its RNG states, to continue exactly where it stopped."""
+    if state.step:
+        _set_rng_state(state.rng, setup.generator, device)
+        return state.perm, state.sums
+    _seed_epoch(seed, number, setup.generator)
+    n = len(setup.train)
+    if setup.sample_weights is None:
+        perm = torch.randperm(n, generator=setup.generator, device=device)
+    else:
+        perm = torch.multinomial(
+            setup.sample_weights, n, replacement=True, generator=setup.generator
+        )
+    return perm, torch.zeros(3, device=device)  # loss sum, correct, count
+
+
+def _draw_batch(setup: _Setup, perm: torch.Tensor, step: int, device):
+    """Images (normalised, augmented, laid out for the model) and labels of one step."""
+    index = perm[step * setup.batch_size : (step + 1) * setup.batch_size]
+    train, normalizer = setup.train, setup.normalizer
+    if setup.resident:
+        x, y = normalizer.to_unit(train.images[index]), train.labels[index]
+    else:
+        index = index.cpu()
+        x = normalizer.to_unit(train.images[index].to(device, non_blocking=True))
+        y = train.labels[index].to(device, non_blocking=True)
+    if setup.augment is not None:
+        x = setup.augment(x, setup.generator)
+    return normalizer.normalize(x), y
+
+
+def _train_step(
+    setup: _Setup,
+    ctx: ExecutionContext,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sums: torch.Tensor,
+    label_smoothing: float,
+) -> None:
+    """Forward, loss, backward, optimizer and schedule step; the loss and correct
+    predictions are added to the on-device ``sums`` (no host sync here)."""
+    if ctx.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with ctx.autocast():
+        logits = setup.forward(x)
+        loss = F.cross_entropy(
+            logits, y, weight=setup.loss_weights, label_smoothing=label_smoothing
+        )
+    setup.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    setup.optimizer.step()
+    setup.schedule.step()
+    with torch.no_grad():
+        sums[0] += loss.detach().float() * len(y)
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
+
+
+def _epoch_row(
+    setup: _Setup, stage: Stage, number: int, sums: torch.Tensor, seconds: float, partial: bool
+) -> dict:
+    """metrics.csv's row for an epoch, from its device-side sums (the epoch's host sync)."""
+    loss_sum, correct, count = sums.tolist()
+    return {
+        "epoch": number + 1,
+        "stage": stage.name,
+        "train_loss": loss_sum / count,
+        "train_acc": correct / count,
+        "val_loss": None,
+        "val_acc": None,
+        "lr": setup.optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+        "images_per_s": count / max(seconds, 1e-9),
+        "partial": partial,
+    }
+
+
+def _validate(setup: _Setup, ctx: ExecutionContext, row: dict) -> None:
+    if setup.val is None:
+        return
+    val = setup.val
+    logits = batched_logits(setup.forward, val.images, setup.normalizer, ctx)
+    row["val_loss"] = F.cross_entropy(logits, val.labels).item()
+    row["val_acc"] = (logits.argmax(1) == val.labels).float().mean().item()
+
+
+def _judge_epoch(state: TrainState, row: dict, monitor: str, patience: int | None) -> str:
+    """Update the best value and the patience count; 'diverged', 'best' or 'kept'."""
+    number = row["epoch"]
+    if not math.isfinite(row["train_loss"]):
+        state.stop_reason = "diverged"
+        return "diverged"
+    if _improved(row[monitor], state.best, monitor):
+        state.best, state.best_epoch = row[monitor], number
+        state.epochs_without_improvement = 0
+        return "best"
+    state.epochs_without_improvement += 1
+    if patience and state.epochs_without_improvement >= patience:
+        state.stop_reason = "early_stopping"
+    return "kept"
+
+
+def _save(setup: _Setup, state: TrainState, description: dict, path: Path, resumable: bool):
+    train_state = None
+    if resumable:
+        train_state = {
+            "optimizer": setup.optimizer.state_dict(),
+            "schedule": setup.schedule.state_dict(),
+            "state": state.to_dict(),
+        }
+    metrics = state.history[-1] if state.history else None
+    epoch = state.epoch_offset + state.epoch
+    payload = checkpoint_payload(
+        description, setup.saved_model.state_dict(), epoch, metrics, train_state
+    )
+    save_checkpoint(path, payload)
+
+
+def _tell(hooks: list[Hook], event: str, *args) -> None:
+    for h in hooks:
+        getattr(h, event)(*args)
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
     cfg: Config,
     *,
-    device: torch.device,
+    ctx: ExecutionContext,
     run_dir: Path,
-    checkpoint_meta: dict,
+    description: dict,
     hooks: list[Hook] = (),
     stage: Stage | None = None,
     previous: TrainState | None = None,
@@ -193,164 +392,58 @@ def fit(
 ) -> TrainState:
     """Train ``model`` on ``data`` for one stage; write best.pt / last.pt into run_dir.
 
-    ``previous``: the state at the end of an earlier stage (its history and best value
-    carry on). ``resume``: the training state of an interrupted run. ``checkpoint_model``:
-    what the checkpoints save, when ``model`` is a part of it (a head trained on cached
-    backbone features).
+    ``ctx``: where and how to compute (device, precision, layout, compile). ``description``:
+    what every checkpoint says of the run (runs.checkpoint.describe_run). ``previous``: the
+    state at the end of an earlier stage (its history and best value carry on). ``resume``:
+    the training state of an interrupted run. ``checkpoint_model``: what the checkpoints
+    save, when ``model`` is a part of it (a head trained on cached backbone features).
     """
     tune_allocator()
-    tc, oc = cfg.train, cfg.optim
-    stage = stage or Stage(epochs=tc.epochs, augment=cfg.data.augment, lr=oc.lr)
-    saved_model = checkpoint_model or model
-    dtype = resolve_precision(tc.precision, device)
-    channels_last = use_channels_last(model, device) and not data.is_features
-    model.to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotune each conv once
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    # Static shapes: one graph for the full batch and one for the short last batch, each
-    # specialised, rather than a shape-generic graph that would then serve every batch.
-    forward = torch.compile(model, dynamic=False) if tc.compile else model
-
-    # Data that fits stays on the device; a larger set stays in host (or mapped) memory and
-    # each batch moves alone.
-    resident = _fits_on(device, data.train.images.nbytes)
-    train = data.train.to(device) if resident else data.train
-    val = data.val.to(device) if data.val is not None and len(data.val) else None
-    normalizer = Normalizer(data.mean, data.std, device, crop=data.input_size)
-    augment = None
-    if not data.is_features:
-        augment = train_transform(stage.augment, data.stored_size, data.shape[1:])
-    batch_size, n = tc.batch_size, len(train)
-    steps = math.ceil(n / batch_size)
-    optimizer = build_optimizer(model, oc, lr=stage.lr, param_groups=stage.param_groups)
-    schedule = build_schedule(optimizer, oc, stage.epochs, steps)
-    generator = torch.Generator(device=device)
-    # Without a validation split, best.pt follows the training metrics (and says so).
-    monitor = tc.monitor if val is not None else tc.monitor.replace("val_", "train_")
-    num_classes = len(data.classes)
-    loss_weights = None
-    if tc.class_weights == "auto":
-        loss_weights = class_weights(train.labels, num_classes).to(device)
-    sample_weights = None  # balanced sampling: each image drawn inversely to its class size
-    if tc.sampler == "balanced":
-        sample_weights = class_weights(train.labels, num_classes)[train.labels].to(device)
-
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        state = TrainState(**resume["state"])
-        if state.sums is not None:
-            state.perm, state.sums = state.perm.to(device), state.sums.to(device)
-    else:
-        state = TrainState(stage=stage.name)
-        if previous is not None:
-            state.history, state.elapsed = list(previous.history), previous.elapsed
-            state.best, state.best_epoch = previous.best, previous.best_epoch
-            state.epoch_offset = len(previous.history)
-    total_epochs = state.epoch_offset + stage.epochs
-    label = "" if stage.name == "train" else f"{stage.name} "
-
-    def checkpoint(path: Path, with_training_state: bool) -> None:
-        payload = {
-            **checkpoint_meta,
-            "state_dict": saved_model.state_dict(),
-            "epoch": state.epoch_offset + state.epoch,
-            "metrics": state.history[-1] if state.history else None,
-        }
-        if with_training_state:
-            payload["train_state"] = {
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "state": state.to_dict(),
-            }
-        save_checkpoint(path, payload)
-
-    for h in hooks:
-        h.on_train_start(
-            {"epochs": total_epochs, "steps": steps, "monitor": monitor, "stage": stage.name}
-        )
+    tc, device, hooks = cfg.train, ctx.device, list(hooks)
+    stage = stage or Stage(epochs=tc.epochs, augment=cfg.data.augment, lr=cfg.optim.lr)
+    setup = _prepare(model, checkpoint_model or model, data, cfg, ctx, stage)
+    state = _restore(setup, stage, previous, resume, device)
+    total_epochs, steps = state.epoch_offset + stage.epochs, setup.steps
+    last, label = run_dir / "last.pt", "" if stage.name == "train" else f"{stage.name} "
+    info = {"epochs": total_epochs, "steps": steps, "monitor": setup.monitor, "stage": stage.name}
+    _tell(hooks, "on_train_start", info)
     budget_start = time.perf_counter() - state.elapsed
-    stopper = _StopOnSigint(list(hooks))
+    stopper = _StopOnSigint(hooks)
     # With torch.compile, the first step of each fit() call compiles, and so does the first
     # short last batch: their time is reported apart (in the row of the epoch they fall in)
     # as well as counted in the training time.
     compiling = set()
-    if tc.compile:
-        compiling = {state.step} | ({steps - 1} if n % batch_size else set())
+    if ctx.compile:
+        compiling = {state.step} | ({steps - 1} if len(setup.train) % setup.batch_size else set())
     compile_seconds = None
 
     with stopper.installed():
         while state.epoch < stage.epochs and state.stop_reason is None:
-            epoch = state.epoch
-            number = state.epoch_offset + epoch  # 0-based, counted across stages
-            if state.step == 0:
-                _seed_epoch(tc.seed, number, generator)
-                if sample_weights is None:
-                    perm = torch.randperm(n, generator=generator, device=device)
-                else:
-                    perm = torch.multinomial(
-                        sample_weights, n, replacement=True, generator=generator
-                    )
-                sums = torch.zeros(3, device=device)  # loss sum, correct, count
-            else:  # continue an interrupted epoch exactly where it stopped
-                perm, sums = state.perm, state.sums
-                _set_rng_state(state.rng, generator, device)
-            for h in hooks:
-                h.on_epoch_start(number, total_epochs, steps, state.step)
-
+            number = state.epoch_offset + state.epoch  # 0-based, counted across stages
+            perm, sums = _epoch_order(setup, state, tc.seed, number, device)
+            _tell(hooks, "on_epoch_start", number, total_epochs, steps, state.step)
             model.train()
-            clock = _EpochClock(device)
-            partial = False
-            step = state.step
+            clock, partial, step = _EpochClock(device), False, state.step
             while step < steps:
-                if stopper.requested:
+                if stopper.requested:  # save where the epoch is, then stop
                     state.step, state.perm, state.sums = step, perm, sums
-                    state.rng = _rng_state(generator, device)
+                    state.rng = _rng_state(setup.generator, device)
                     state.epoch_seconds += clock.seconds()
                     state.elapsed = time.perf_counter() - budget_start
-                    checkpoint(run_dir / "last.pt", with_training_state=True)
-                    for h in hooks:
-                        h.on_train_end({"stopped": "interrupted"})
-                    raise TrainingInterrupted(run_dir / "last.pt", number, step, steps)
-
-                index = perm[step * batch_size : (step + 1) * batch_size]
-                if resident:
-                    x, y = normalizer.to_unit(train.images[index]), train.labels[index]
-                else:
-                    index = index.cpu()
-                    x = normalizer.to_unit(train.images[index].to(device, non_blocking=True))
-                    y = train.labels[index].to(device, non_blocking=True)
-                if augment is not None:
-                    x = augment(x, generator)
-                x = normalizer.normalize(x)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                timed = step in compiling
-                if timed:
+                    _save(setup, state, description, last, resumable=True)
+                    _tell(hooks, "on_train_end", {"stopped": "interrupted"})
+                    raise TrainingInterrupted(last, number, step, steps)
+                x, y = _draw_batch(setup, perm, step, device)
+                if step in compiling:  # time the step that compiles, apart
                     step_start = time.perf_counter()
-                with autocast(device, dtype):
-                    logits = forward(x)
-                    loss = F.cross_entropy(
-                        logits, y, weight=loss_weights, label_smoothing=oc.label_smoothing
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                if timed:
+                    _train_step(setup, ctx, x, y, sums, cfg.optim.label_smoothing)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     compiling.discard(step)
                     compile_seconds = (compile_seconds or 0.0) + time.perf_counter() - step_start
-
-                with torch.no_grad():  # on-device sums: no host sync here
-                    sums[0] += loss.detach().float() * len(y)
-                    sums[1] += (logits.argmax(1) == y).sum()
-                    sums[2] += len(y)
-                for h in hooks:
-                    h.on_step(step, sums)
+                else:
+                    _train_step(setup, ctx, x, y, sums, cfg.optim.label_smoothing)
+                _tell(hooks, "on_step", step, sums)
                 step += 1
                 if tc.time_budget and time.perf_counter() - budget_start > tc.time_budget:
                     partial, state.stop_reason = step < steps, "time_budget"
@@ -359,66 +452,29 @@ def fit(
             # ---- end of epoch: one host sync (the clock waits for the queued steps), the
             # training sums, then validation.
             seconds = state.epoch_seconds + clock.seconds()
-            loss_sum, correct, count = sums.tolist()
-            row = {
-                "epoch": number + 1,
-                "stage": stage.name,
-                "train_loss": loss_sum / count,
-                "train_acc": correct / count,
-                "val_loss": None,
-                "val_acc": None,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": seconds,
-                "images_per_s": count / max(seconds, 1e-9),
-                "partial": partial,
-            }
+            row = _epoch_row(setup, stage, number, sums, seconds, partial)
             if compile_seconds is not None:
-                row["compile_seconds"] = compile_seconds
-                compile_seconds = None
-            if val is not None:
-                eval_batch = tc.eval_batch_size
-                if not data.is_features:
-                    eval_batch = inference_batch_size(eval_batch, data.shape[1:], device)
-                logits = batched_logits(
-                    forward, val.images, normalizer, eval_batch, dtype, channels_last
-                )
-                row["val_loss"] = F.cross_entropy(logits, val.labels).item()
-                row["val_acc"] = (logits.argmax(1) == val.labels).float().mean().item()
-
-            state.epoch, state.step = epoch + 1, 0
+                row["compile_seconds"], compile_seconds = compile_seconds, None
+            _validate(setup, ctx, row)
+            state.epoch, state.step = state.epoch + 1, 0
             state.perm = state.sums = state.rng = None
             state.epoch_seconds = 0.0
             state.elapsed = time.perf_counter() - budget_start
             state.history.append(row)
-
-            value = row[monitor]
-            if not math.isfinite(row["train_loss"]):
-                state.stop_reason = "diverged"
-                for h in hooks:
-                    h.message(
-                        f"training loss is {row['train_loss']} at {label}epoch "
-                        f"{number + 1}: the run diverged; lower the learning rate (--lr)."
-                    )
-            elif _improved(value, state.best, monitor):
-                state.best, state.best_epoch = value, number + 1
-                state.epochs_without_improvement = 0
-                checkpoint(run_dir / "best.pt", with_training_state=False)
-            else:
-                state.epochs_without_improvement += 1
-                if tc.patience and state.epochs_without_improvement >= tc.patience:
-                    state.stop_reason = "early_stopping"
-            checkpoint(run_dir / "last.pt", with_training_state=True)
-            for h in hooks:
-                h.on_epoch_end(row)
+            verdict = _judge_epoch(state, row, setup.monitor, tc.patience)
+            if verdict == "diverged":
+                _tell(
+                    hooks,
+                    "message",
+                    f"training loss is {row['train_loss']} at {label}epoch {number + 1}: "
+                    "the run diverged; lower the learning rate (--lr).",
+                )
+            elif verdict == "best":
+                _save(setup, state, description, run_dir / "best.pt", resumable=False)
+            _save(setup, state, description, last, resumable=True)
+            _tell(hooks, "on_epoch_end", row)
 
     state.stop_reason = state.stop_reason or "completed"
-    for h in hooks:
-        h.on_train_end(
-            {
-                "stopped": state.stop_reason,
-                "stage": stage.name,
-                "best_epoch": state.best_epoch,
-                monitor: state.best,
-            }
-        )
+    summary = {"stopped": state.stop_reason, "stage": stage.name, "best_epoch": state.best_epoch}
+    _tell(hooks, "on_train_end", {**summary, setup.monitor: state.best})
     return state

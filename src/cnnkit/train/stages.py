@@ -5,16 +5,31 @@ decaying learning rate."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from cnnkit.config import Config
 from cnnkit.data import DataSplits, ImageTensors
 from cnnkit.data.memory import Normalizer
-from cnnkit.device import autocast, use_channels_last
+from cnnkit.device import ExecutionContext
 from cnnkit.models.pretrained import BackboneClassifier
-from cnnkit.train.loop import Stage
-from cnnkit.train.optim import decay_groups
+from cnnkit.runs.inference import batched_forward
+
+from .optim import decay_groups
+
+
+@dataclass
+class Stage:
+    """One phase of a run. Training from scratch has one; fine-tuning a pretrained backbone
+    has two: the head on the frozen backbone, then (part of) the backbone too."""
+
+    name: str = "train"
+    epochs: int = 5
+    augment: str = "none"
+    lr: float = 1e-3
+    param_groups: list[dict] | None = None  # default: every trainable parameter at lr
 
 
 def resolve_augment(cfg: Config, data: DataSplits, stage: str) -> str:
@@ -72,32 +87,21 @@ def prepare_stage(model: nn.Module, stage: Stage, cfg: Config) -> None:
         )
 
 
-@torch.no_grad()
 def backbone_features(
-    model: BackboneClassifier,
-    data: DataSplits,
-    device: torch.device,
-    dtype: torch.dtype,
-    batch_size: int,
+    model: BackboneClassifier, data: DataSplits, ctx: ExecutionContext
 ) -> DataSplits:
     """The same splits as pooled backbone features (N, D), computed once."""
-    model.to(device).eval()
-    channels_last = use_channels_last(model, device)
-    if channels_last:
+    model.to(ctx.device).eval()
+    if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
-    normalizer = Normalizer(data.mean, data.std, device, crop=data.input_size)
+    normalizer = Normalizer(data.mean, data.std, ctx.device, crop=data.input_size)
 
     def features(part: ImageTensors | None) -> ImageTensors | None:
         if part is None:
             return None
-        out = []
-        for chunk in part.images.split(batch_size):
-            x = normalizer(chunk.to(device))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                out.append(model.features(x).float())
-        return ImageTensors(torch.cat(out), part.labels)
+        return ImageTensors(
+            batched_forward(model.features, part.images, normalizer, ctx), part.labels
+        )
 
     return DataSplits(
         data.name,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .directory import throughput
+from .run import load_run
+
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -18,8 +21,6 @@ def compare_runs(
 ) -> dict:
     """Config differences and key metrics of each run on ``split``; the best is marked
     (highest accuracy, then macro F1). ``plot``: PNG path for the validation curves."""
-    from cnnkit.run import load_run
-
     if len(paths) < 2:
         raise ValueError("compare needs at least two runs")
     runs = [load_run(p) for p in paths]
@@ -33,8 +34,7 @@ def compare_runs(
     for run in runs:
         report = run.evaluate(split=split, save=False)
         history = run.history
-        seconds = sum(r["seconds"] for r in history)
-        images = sum(r["images_per_s"] * r["seconds"] for r in history)
+        images, seconds = throughput(history)
         rows.append(
             {
                 "run": str(run.path),

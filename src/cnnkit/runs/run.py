@@ -8,54 +8,40 @@ from pathlib import Path
 import torch
 
 from cnnkit.config import Config
+from cnnkit.data import DataSplits
 from cnnkit.data.decode import to_input_tensor
 from cnnkit.data.memory import Normalizer
-from cnnkit.device import (
-    inference_batch_size,
-    resolve_device,
-    resolve_precision,
-    use_channels_last,
-)
+from cnnkit.data.resolve import load_trained_data
+from cnnkit.device import ExecutionContext
 from cnnkit.evaluate.metrics import ClassificationReport, classification_report
-from cnnkit.inference import batched_logits
-from cnnkit.models import create_model
-from cnnkit.predict import Prediction, predict_images
-from cnnkit.train.checkpoint import load_checkpoint
-from cnnkit.train.hooks import read_metrics
 
-
-def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights."""
-    spec = ckpt["model"]
-    model = create_model(
-        spec.get("arch") or spec["name"],
-        spec["num_classes"],
-        spec["in_chans"],
-        tuple(spec["input_size"]),
-        head=spec.get("head"),
-    )
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+from .checkpoint import Checkpoint, read_checkpoint
+from .directory import METRICS_FILE, SPLIT_FILE, read_metrics
+from .inference import Prediction, batched_logits, predict_images
 
 
 class Run:
     """A run directory with a loaded model. Make one with ``load_run(path)``."""
 
-    def __init__(self, path: Path, checkpoint: dict, device: torch.device):
+    def __init__(self, path: Path, checkpoint: Checkpoint, device: str | torch.device = "auto"):
         self.path = path
-        self.checkpoint_info = {k: checkpoint.get(k) for k in ("epoch", "created", "versions")}
-        self.config = Config.from_dict(checkpoint["config"])
-        self.classes: list[str] = list(checkpoint["classes"])
-        self.preprocessing: dict = checkpoint["preprocessing"]
-        self.device = device
-        self.model = model_from_checkpoint(checkpoint).to(device)
-        # Inference settings, decided once (serving calls _logits for every batch).
-        self._dtype = resolve_precision(self.config.train.precision, device)
-        self._batch = inference_batch_size(
-            self.config.train.eval_batch_size, tuple(self.preprocessing["size"]), device
+        self.checkpoint_info = checkpoint.provenance
+        self.config = Config.from_dict(checkpoint.config)
+        self.classes: list[str] = checkpoint.classes
+        self.preprocessing: dict = checkpoint.preprocessing
+        model = checkpoint.build_model()
+        # How inference runs, decided once (serving calls _logits for every batch).
+        t = self.config.train
+        self.context = ExecutionContext.resolve(
+            device=device,
+            precision=t.precision,
+            eval_batch_size=t.eval_batch_size,
+            model=model,
+            image_size=tuple(self.preprocessing["size"]),
         )
-        self._channels_last = use_channels_last(self.model, device)
-        if self._channels_last:
+        self.device = self.context.device
+        self.model = model.to(self.device)
+        if self.context.channels_last:
             self.model.to(memory_format=torch.channels_last)
         crop = (
             tuple(self.preprocessing["size"])
@@ -63,7 +49,7 @@ class Run:
             else None
         )
         self.normalizer = Normalizer(
-            self.preprocessing["mean"], self.preprocessing["std"], device, crop=crop
+            self.preprocessing["mean"], self.preprocessing["std"], self.device, crop=crop
         )
 
     def __repr__(self) -> str:
@@ -72,17 +58,14 @@ class Run:
     @property
     def history(self) -> list[dict]:
         """Per-epoch metrics as written to metrics.csv."""
-        return read_metrics(self.path / "metrics.csv")
+        return read_metrics(self.path / METRICS_FILE)
+
+    def data(self) -> DataSplits:
+        """The data this run was trained on, with the same splits and preprocessing."""
+        return load_trained_data(self.config, self.preprocessing, self.path / SPLIT_FILE)
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
-        return batched_logits(
-            self.model,
-            images.to(self.device),
-            self.normalizer,
-            self._batch,
-            self._dtype,
-            self._channels_last,
-        )
+        return batched_logits(self.model, images, self.normalizer, self.context)
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Log of the mean probability over test-time views: the image, four shifts by
@@ -113,19 +96,16 @@ class Run:
         """
         if split not in ("test", "val", "train"):
             raise ValueError(f"split must be test, val or train, got '{split}'")
-        from cnnkit.train.api import load_data
-
-        data = load_data(
-            self.config, None, split_file=self.path / "split.json", preprocessing=self.preprocessing
-        )
+        data = self.data()
         part = data.split(split)
         logits = self.tta_logits(part.images) if tta else self._logits(part.images)
         report = classification_report(logits, part.labels.to(self.device), self.classes, split)
         if save:
-            self.save_report(report, data.name)
+            self.save_evaluation(report, data.name)
         return report
 
-    def save_report(self, report: ClassificationReport, data_name: str) -> dict[str, Path]:
+    def save_evaluation(self, report: ClassificationReport, data_name: str) -> dict[str, Path]:
+        """eval-<split>.json, confusion_matrix.png and (with a history) curves.png."""
         from cnnkit.evaluate.plots import plot_confusion_matrix, plot_curves
 
         files = {"json": self.path / f"eval-{report.split}.json"}
@@ -163,22 +143,21 @@ class Run:
 
         ``layer``: a convolution's name (default: the last spatial convolution).
         """
-        from cnnkit.evaluate.explain import GradCAM, overlay
+        from cnnkit.evaluate.explain import explain_images
 
         if not isinstance(images, (list, tuple)):
             images = [images]
         predictions = self.predict(images, top_k=3)
-        cam = GradCAM(self.model, layer)
-        out = []
-        for image, pred in zip(images, predictions, strict=True):
-            if pred.error:
-                out.append((pred, None))
-                continue
-            x = to_input_tensor(image, self.preprocessing).to(self.device)[None]
-            target = torch.tensor([self.classes.index(pred.label)], device=self.device)
-            heat, _ = cam(self.normalizer(x), target)
-            out.append((pred, overlay(x[0], heat[0])))
-        return out
+        readable = [i for i, pred in enumerate(predictions) if not pred.error]
+        overlays = []
+        if readable:
+            x = torch.stack([to_input_tensor(images[i], self.preprocessing) for i in readable])
+            targets = torch.tensor([self.classes.index(predictions[i].label) for i in readable])
+            overlays, _ = explain_images(
+                self.model, self.normalizer, x.to(self.device), targets, layer
+            )
+        shown = dict(zip(readable, overlays, strict=True))
+        return [(pred, shown.get(i)) for i, pred in enumerate(predictions)]
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities of uint8 images (N, C, H, W) at the model's input size."""
@@ -211,5 +190,4 @@ def load_run(path: str | Path, weights: str = "best", device: str = "auto") -> R
             ckpt_path = path / "last.pt"  # stopped before any epoch finished validation
         if not ckpt_path.exists():
             raise FileNotFoundError(f"{path} holds no {weights}.pt: is it a cnnkit run?")
-    dev = resolve_device(device)
-    return Run(run_dir, load_checkpoint(ckpt_path, map_location="cpu"), dev)
+    return Run(run_dir, read_checkpoint(ckpt_path, map_location="cpu"), device)

@@ -1,0 +1,70 @@
+"""A config's data: the built-in set or the folder / CSV list it names, prepared for the
+model (decoded at its input size, normalised as its weights expect), or reloaded exactly
+as a run was trained on it (its split file and its checkpoint's preprocessing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cnnkit.config import Config
+from cnnkit.models.pretrained import is_backbone_name
+from cnnkit.models.weights import Preprocessing, preprocessing_for
+
+from . import is_builtin, load_dataset
+from .folder import load_folder
+from .memory import DataSplits
+
+FOLDER_IMAGE_SIZE = 128  # models trained from scratch on photos, unless --image-size
+
+
+def weights_preprocessing(cfg: Config) -> Preprocessing | None:
+    """The preprocessing pretrained weights need, or None when training from scratch."""
+    m = cfg.model
+    if not (m.pretrained or m.weights) or not is_backbone_name(m.name):
+        return None
+    return preprocessing_for(m.name, m.pretrained, m.weights)
+
+
+def load_data(
+    cfg: Config,
+    pre: Preprocessing | None,
+    split_file: Path | None = None,
+    preprocessing: dict | None = None,
+) -> DataSplits:
+    """The run's data: a built-in set, or a folder/CSV (decoded at the model's input size).
+
+    ``split_file``: a run's split.json, used when it exists. ``preprocessing``: a
+    checkpoint's, to reload exactly the data a run was trained on.
+    """
+    d = cfg.data
+    if is_builtin(d.name):
+        data = load_dataset(
+            d.name, data_dir=d.data_dir, val_split=d.val_split, seed=cfg.train.seed, limit=d.limit
+        )
+    else:
+        if preprocessing is not None:
+            size, crop_pct = preprocessing["size"][0], preprocessing.get("crop_pct", 1.0)
+        else:
+            size = d.image_size or (pre.size[0] if pre else FOLDER_IMAGE_SIZE)
+            crop_pct = pre.crop_pct if pre else 1.0
+        data = load_folder(
+            d.name,
+            image_size=size,
+            crop_pct=crop_pct,
+            val_split=d.val_split,
+            test_split=d.test_split,
+            seed=cfg.train.seed,
+            limit=d.limit,
+            split_file=split_file if split_file and split_file.exists() else None,
+        )
+    if preprocessing is not None:
+        data.mean, data.std = tuple(preprocessing["mean"]), tuple(preprocessing["std"])
+    elif pre is not None:  # normalise as the backbone's weights were trained
+        data.mean, data.std = pre.mean, pre.std
+    return data
+
+
+def load_trained_data(cfg: Config, preprocessing: dict, split_file: Path) -> DataSplits:
+    """Exactly the data a run was trained on: same split (its split.json, or the same seed
+    and fraction), same input size and normalisation (its checkpoint's preprocessing)."""
+    return load_data(cfg, None, split_file=split_file, preprocessing=preprocessing)

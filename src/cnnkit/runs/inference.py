@@ -1,0 +1,112 @@
+"""Inference over uint8 images: the batched forward pass (validation, evaluation,
+prediction, backbone features), top-k, and prediction from any source of probabilities
+(a run's PyTorch model or an ONNX file)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnkit.data.decode import ImageReadError, to_input_tensor
+from cnnkit.data.memory import Normalizer
+from cnnkit.device import ExecutionContext
+
+
+@torch.no_grad()  # not inference_mode: backbone features from here are trained on later
+def batched_forward(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    normalizer: Normalizer,
+    ctx: ExecutionContext,
+) -> torch.Tensor:
+    """Float32 outputs of ``forward`` over uint8 images (N, C, H, W), ``ctx.eval_batch`` at a
+    time: each batch moved to the device, normalised, laid out channels_last where the
+    context says so, run under its autocast. On the device, in the images' order."""
+    outputs = []
+    for batch in images.split(ctx.eval_batch):
+        x = normalizer(batch.to(ctx.device, non_blocking=True))
+        if ctx.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with ctx.autocast():
+            outputs.append(forward(x).float())
+    return torch.cat(outputs) if outputs else torch.empty(0, device=ctx.device)
+
+
+def batched_logits(
+    model: torch.nn.Module, images: torch.Tensor, normalizer: Normalizer, ctx: ExecutionContext
+) -> torch.Tensor:
+    """Float32 logits of ``model`` in eval mode (its train/eval mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return batched_forward(model, images, normalizer, ctx)
+    finally:
+        model.train(was_training)
+
+
+def top_k(
+    probabilities: torch.Tensor | np.ndarray, classes: list[str], k: int
+) -> list[list[tuple[str, float]]]:
+    """For each row of (N, classes) probabilities, the ``k`` most likely (class, probability),
+    most likely first (k is capped at the number of classes)."""
+    probs = torch.as_tensor(probabilities).float().cpu()
+    values, indices = probs.topk(min(k, len(classes)), dim=1)
+    return [
+        [(classes[j], float(p)) for p, j in zip(v.tolist(), i.tolist(), strict=True)]
+        for v, i in zip(values, indices, strict=True)
+    ]
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one input, or the reason it could not be read."""
+
+    source: str
+    top: list[tuple[str, float]]  # (class name, probability), most likely first
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    def to_dict(self) -> dict:
+        d = {"source": self.source}
+        if self.error:
+            d["error"] = self.error
+        else:
+            d["label"] = self.label
+            d["top"] = [{"class": c, "probability": p} for c, p in self.top]
+        return d
+
+
+def predict_images(
+    images,
+    preprocessing: dict,
+    classes: list[str],
+    probabilities: Callable[[torch.Tensor], torch.Tensor],
+    top: int = 5,
+) -> list[Prediction]:
+    """Read and convert each input as ``preprocessing`` says, then one batched call of
+    ``probabilities`` (uint8 (N, C, H, W) -> (N, classes)). An input that cannot be read
+    gets a Prediction with ``error`` set; the others are still predicted."""
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    results: list[Prediction] = []
+    batch, positions = [], []
+    for i, image in enumerate(images):
+        source = str(image) if isinstance(image, (str, Path)) else f"<input {i}>"
+        try:
+            batch.append(to_input_tensor(image, preprocessing))
+            positions.append(i)
+            results.append(Prediction(source, []))
+        except ImageReadError as e:
+            results.append(Prediction(source, [], error=str(e)))
+    if batch:
+        rows = top_k(probabilities(torch.stack(batch)), classes, top)
+        for i, row in zip(positions, rows, strict=True):
+            results[i].top = row
+    return results
