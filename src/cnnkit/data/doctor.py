@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .decode import ImageReadError, open_image
 from .folder import list_images, map_in_workers
 
 MIN_PER_CLASS = 10  # fewer training images than this per class rarely gives a usable model
@@ -93,8 +94,6 @@ def difference_hash(im) -> int:
 
 
 def _examine(path: Path, split: str, label: int) -> FileFacts:
-    from .decode import ImageReadError, open_image
-
     data = path.read_bytes() if path.is_file() else b""
     facts = FileFacts(str(path), split, label, hashlib.sha1(data).hexdigest())
     try:

@@ -32,6 +32,7 @@ import torch
 
 from .builtin import data_roots, user_cache_dir
 from .decode import ImageReadError, open_image, resize_and_crop
+from .memory import DataSplits, ImageTensors, channel_stats, stratified_split
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -306,8 +307,6 @@ def _load(path: Path, budget: int) -> np.ndarray:
 
 def _split_indices(labels: torch.Tensor, val_split: float, test_split: float, seed: int):
     """Stratified train / val / test indices of one pool of files."""
-    from .memory import stratified_split
-
     rest, test = stratified_split(labels, test_split, seed)
     val_share = val_split / (1 - test_split) if test_split < 1 else 0.0
     train_in_rest, val_in_rest = stratified_split(labels[rest], val_share, seed + 1)
@@ -332,8 +331,6 @@ def plan_splits(
             f"split made here: stratified, seed {seed}, val {val_split:.0%}, test {test_split:.0%}"
         )
     elif "val" not in splits and "train" in splits and val_split > 0:
-        from .memory import stratified_split
-
         train = splits["train"]
         keep, take = stratified_split(torch.tensor([lb for _, lb in train]), val_split, seed)
         splits["train"] = [train[i] for i in keep.tolist()]
@@ -360,8 +357,6 @@ def load_folder(
 
     ``split_file``: a run's split.json, to get exactly the files that run used.
     """
-    from .memory import DataSplits, ImageTensors, channel_stats, stratified_split
-
     notes: list[str] = []
     if split_file is not None:
         saved = json.loads(Path(split_file).read_text())

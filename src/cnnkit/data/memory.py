@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .augment import center_crop
+
 
 @dataclass
 class ImageTensors:
@@ -151,7 +153,5 @@ class Normalizer:
             return batch
         x = self.to_unit(batch)
         if self.crop and tuple(x.shape[-2:]) != self.crop:
-            from .augment import center_crop
-
             x = center_crop(x, self.crop).contiguous()
         return self.normalize(x)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnkit.data.augment import center_crop
 from cnnkit.version import __version__
 
 MAX_PROBABILITY_DIFFERENCE = 1e-4  # fp32 ONNX Runtime vs PyTorch: rounding only
@@ -77,8 +78,6 @@ def _run(session, images: np.ndarray, batch: int = 256) -> np.ndarray:
 
 def _model_inputs(run, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 NCHW images of a split at the model's input size, and their labels."""
-    from cnnkit.data.augment import center_crop
-
     data = run.data()
     part = data.split(split if split != "val" or data.val is not None else "train")
     images = part.images[:limit] if limit else part.images

@@ -10,14 +10,14 @@ import torch
 
 from cnnkit.runs.inference import Prediction, predict_images
 
+from .export import read_metadata
+
 
 class OnnxModel:
     """``OnnxModel("model.onnx").predict(["cat.jpg"])``, like ``Run.predict``."""
 
     def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True):
         import onnxruntime as ort
-
-        from .export import read_metadata
 
         self.path = Path(path)
         if not self.path.is_file():

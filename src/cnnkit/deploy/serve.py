@@ -39,8 +39,11 @@ from cnnkit.data.decode import (
     open_image,
     to_input_tensor,
 )
+from cnnkit.evaluate.explain import explain_images
 from cnnkit.runs.inference import top_k
 from cnnkit.runs.run import load_run
+
+from .onnx_model import OnnxModel
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 40_000_000  # about a 7,300 x 5,500 photo
@@ -78,8 +81,6 @@ class Predictor:
             raise ValueError("an ONNX file runs on the onnx backend")
         self.backend, self.path = backend, path
         if backend == "onnx":
-            from cnnkit.deploy.onnx_model import OnnxModel
-
             # No busy-waiting worker threads: they would take the CPU from the HTTP server.
             self.model = OnnxModel(path, spinning=False)
         else:
@@ -120,8 +121,6 @@ class Predictor:
 
     def explain_png(self, image: torch.Tensor) -> tuple[str, str]:
         """(predicted class, PNG data URI of the Grad-CAM overlay) for one uint8 image."""
-        from cnnkit.evaluate.explain import explain_images
-
         run = self.model
         overlays, logits = explain_images(run.model, run.normalizer, image[None].to(run.device))
         buf = io.BytesIO()

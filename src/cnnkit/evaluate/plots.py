@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -17,7 +17,7 @@ def plot_confusion_matrix(
 ):
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     m = np.asarray(matrix)
     n = len(classes)
     size = min(4 + 0.45 * n, 24)
@@ -51,7 +51,7 @@ def plot_confusion_matrix(
 
 
 def plot_curves(history: list[dict], title: str, path, with_lr: bool = False):
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3 if with_lr else 2, figsize=(16 if with_lr else 11, 4))
     ax_loss, ax_acc = axes[0], axes[1]
@@ -84,7 +84,7 @@ def plot_curves(history: list[dict], title: str, path, with_lr: bool = False):
 
 def plot_reliability(bins: list[dict], ece: float, title: str, path):
     """Accuracy against confidence per bin: a calibrated model follows the diagonal."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     filled = [b for b in bins if b["count"]]

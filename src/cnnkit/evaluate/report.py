@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 from cnnkit.data.augment import center_crop
+from cnnkit.data.memory import Normalizer
 
 from .diagnosis import diagnose
 from .explain import explain_images, last_conv_layer
 from .metrics import ConfusionMatrix, calibration, classification_report
+from .plots import plot_confusion_matrix, plot_curves, plot_reliability
 from .report_page import render_html
 
 
@@ -42,9 +44,6 @@ def _image_uri(im, min_side: int = 112) -> str:
 
 def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict, dict]:
     """(report dict for report.json, images as data URIs for the HTML)."""
-    from cnnkit.data.memory import Normalizer
-    from cnnkit.evaluate.plots import plot_confusion_matrix, plot_curves, plot_reliability
-
     data = run.data()
     split = split or ("test" if data.test is not None and len(data.test) else "val")
     part = data.split(split)
@@ -52,14 +51,35 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     logits = run._logits(part.images)
     probs = logits.softmax(1)
     metrics = classification_report(logits, labels, run.classes, split)
-    cm = ConfusionMatrix.from_counts(metrics.confusion_matrix)
     calib = calibration(probs.cpu(), labels.cpu())
     names = (
         [f for f, _ in data.files[split]]
         if data.files
         else [f"{data.name} {split} #{i}" for i in range(len(part))]
     )
+    layer = last_conv_layer(run.model)
+    entries, images = _galleries(run, part.images, labels, probs, names, gallery, layer)
+    title = f"{data.name} {split} split ({len(part):,} images)"
+    images.update(_plots(run, metrics.confusion_matrix, calib, title))
+    history = run.history
+    report = {
+        "run": _run_facts(run, data.name, history),
+        "split": split,
+        "history": history,
+        "diagnosis": [v.to_dict() for v in diagnose(history, run.preprocessing)],
+        "metrics": metrics.to_dict(),
+        "most_confused": _most_confused(metrics.confusion_matrix, run.classes),
+        "calibration": calib,
+        "mistakes": entries["mistakes"],
+        "correct_sample": entries["correct"],
+        "grad_cam_layer": layer,
+    }
+    return report, images
 
+
+def _galleries(run, stored, labels, probs, names, gallery: int, layer: str) -> tuple[dict, dict]:
+    """The most confident mistakes and a seeded sample of correct predictions: their facts,
+    and (image, Grad-CAM overlay) data URIs of each."""
     confidence, predicted = probs.max(1)
     wrong = torch.nonzero(predicted != labels).flatten()
     wrong = wrong[confidence[wrong].argsort(descending=True)][:gallery]
@@ -71,13 +91,12 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     normalizer = Normalizer(
         run.preprocessing["mean"], run.preprocessing["std"], run.device, crop=size
     )
-    layer = last_conv_layer(run.model)
     images: dict = {"mistakes": [], "correct": []}
     entries: dict = {"mistakes": [], "correct": []}
     for kind, index in (("mistakes", wrong), ("correct", right)):
         if not len(index):
             continue
-        raw = part.images[index.cpu()].to(run.device)
+        raw = stored[index.cpu()].to(run.device)
         overlays, _ = explain_images(run.model, normalizer, raw, predicted[index], layer)
         shown = raw if tuple(raw.shape[-2:]) == size else center_crop(raw, size)
         for j, i in enumerate(index.tolist()):
@@ -91,67 +110,61 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
                 }
             )
             images[kind].append((_image_uri(_to_pil(shown[j])), _image_uri(overlays[j])))
+    return entries, images
 
+
+def _plots(run, confusion: list[list[int]], calib: dict, title: str) -> dict[str, str]:
+    """The curves, both confusion matrices and the reliability diagram as data URIs."""
+    plots = {}
     history = run.history
-    title = f"{data.name} {split} split ({len(part):,} images)"
     if history:
-        images["curves"] = _png(lambda f: plot_curves(history, run.path.name, f, with_lr=True))
-    images["confusion_counts"] = _png(
+        plots["curves"] = _png(lambda f: plot_curves(history, run.path.name, f, with_lr=True))
+    plots["confusion_counts"] = _png(
+        lambda f: plot_confusion_matrix(confusion, run.classes, f"{title}: counts", f)
+    )
+    plots["confusion_normalized"] = _png(
         lambda f: plot_confusion_matrix(
-            metrics.confusion_matrix, run.classes, f"{title}: counts", f
+            confusion, run.classes, f"{title}: share of each true class", f, normalized=True
         )
     )
-    images["confusion_normalized"] = _png(
-        lambda f: plot_confusion_matrix(
-            metrics.confusion_matrix,
-            run.classes,
-            f"{title}: share of each true class",
-            f,
-            normalized=True,
-        )
-    )
-    images["reliability"] = _png(lambda f: plot_reliability(calib["bins"], calib["ece"], title, f))
+    plots["reliability"] = _png(lambda f: plot_reliability(calib["bins"], calib["ece"], title, f))
+    return plots
 
-    params = sum(p.numel() for p in run.model.parameters())
+
+def _run_facts(run, data_name: str, history: list[dict]) -> dict:
+    """What was trained, how long, on what hardware and versions, with which settings."""
     versions = run.checkpoint_info.get("versions") or {}
-    report = {
-        "run": {
-            "path": str(run.path),
-            "data": data.name,
-            "model": run.config.model.name,
-            "parameters": params,
-            "classes": run.classes,
-            "weights": f"best.pt (epoch {run.checkpoint_info['epoch']})",
-            "training_seconds": round(sum(r["seconds"] for r in history), 2),
-            "epochs": len(history),
-            "created": run.checkpoint_info.get("created"),
-            "hardware": {
-                "device": str(run.device),
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                **versions,
-            },
-            "config": run.config.to_dict(),
+    return {
+        "path": str(run.path),
+        "data": data_name,
+        "model": run.config.model.name,
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "classes": run.classes,
+        "weights": f"best.pt (epoch {run.checkpoint_info['epoch']})",
+        "training_seconds": round(sum(r["seconds"] for r in history), 2),
+        "epochs": len(history),
+        "created": run.checkpoint_info.get("created"),
+        "hardware": {
+            "device": str(run.device),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            **versions,
         },
-        "split": split,
-        "history": history,
-        "diagnosis": [v.to_dict() for v in diagnose(history, run.preprocessing)],
-        "metrics": metrics.to_dict(),
-        "most_confused": [
-            {
-                "true": run.classes[t],
-                "predicted": run.classes[p],
-                "count": n,
-                "share_of_true_class": n / max(1, int(cm.counts[t].sum())),
-            }
-            for t, p, n in cm.most_confused(10)
-        ],
-        "calibration": calib,
-        "mistakes": entries["mistakes"],
-        "correct_sample": entries["correct"],
-        "grad_cam_layer": layer,
+        "config": run.config.to_dict(),
     }
-    return report, images
+
+
+def _most_confused(confusion: list[list[int]], classes: list[str], n: int = 10) -> list[dict]:
+    cm = ConfusionMatrix.from_counts(confusion)
+    return [
+        {
+            "true": classes[t],
+            "predicted": classes[p],
+            "count": count,
+            "share_of_true_class": count / max(1, int(cm.counts[t].sum())),
+        }
+        for t, p, count in cm.most_confused(n)
+    ]
 
 
 def _to_pil(image: torch.Tensor):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cnnkit.evaluate.plots import pyplot
+
 from .directory import throughput
 from .run import load_run
 
@@ -62,9 +64,7 @@ def compare_runs(
 
 
 def _plot(runs, path: Path) -> Path:
-    from cnnkit.evaluate.plots import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs:
         h = [r for r in run.history if r["val_loss"] is not None]

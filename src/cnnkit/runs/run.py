@@ -13,7 +13,10 @@ from cnnkit.data.decode import to_input_tensor
 from cnnkit.data.memory import Normalizer
 from cnnkit.data.resolve import load_trained_data
 from cnnkit.device import ExecutionContext
+from cnnkit.evaluate.explain import explain_images
 from cnnkit.evaluate.metrics import ClassificationReport, classification_report
+from cnnkit.evaluate.plots import plot_confusion_matrix, plot_curves
+from cnnkit.evaluate.report import write_report
 
 from .checkpoint import Checkpoint, read_checkpoint
 from .directory import METRICS_FILE, SPLIT_FILE, read_metrics
@@ -106,8 +109,6 @@ class Run:
 
     def save_evaluation(self, report: ClassificationReport, data_name: str) -> dict[str, Path]:
         """eval-<split>.json, confusion_matrix.png and (with a history) curves.png."""
-        from cnnkit.evaluate.plots import plot_confusion_matrix, plot_curves
-
         files = {"json": self.path / f"eval-{report.split}.json"}
         payload = {
             "run": str(self.path),
@@ -134,8 +135,6 @@ class Run:
 
     def report(self, split: str | None = None, gallery: int = 12) -> tuple[Path, Path]:
         """Write report.html and report.json (see cnnkit.evaluate.report)."""
-        from cnnkit.evaluate.report import write_report
-
         return write_report(self, split, gallery)
 
     def explain(self, images, layer: str | None = None) -> list[tuple[Prediction, object]]:
@@ -143,8 +142,6 @@ class Run:
 
         ``layer``: a convolution's name (default: the last spatial convolution).
         """
-        from cnnkit.evaluate.explain import explain_images
-
         if not isinstance(images, (list, tuple)):
             images = [images]
         predictions = self.predict(images, top_k=3)

@@ -21,6 +21,7 @@ from torch import nn
 
 from cnnkit.config import Config, apply_overrides, dump_config, resolve_key
 from cnnkit.data import DataSplits
+from cnnkit.data.doctor import quick_check
 from cnnkit.data.resolve import load_data, weights_preprocessing
 from cnnkit.device import ExecutionContext
 from cnnkit.models import create_model
@@ -37,6 +38,7 @@ from cnnkit.runs.directory import (
 )
 from cnnkit.runs.run import Run, load_run
 
+from .autobatch import choose_batch_size
 from .hooks import ConsoleProgress, Hook, MetricsCSV, TextLog
 from .loop import TrainState, fit
 from .stages import Stage, backbone_features, plan_stages, prepare_stage
@@ -105,8 +107,6 @@ def _plan_run(cfg: Config, run_dir: Path, resume: Checkpoint | None) -> _Plan:
 def _auto_batch_size(
     cfg: Config, data: DataSplits, model: nn.Module, ctx: ExecutionContext
 ) -> tuple[Config, str]:
-    from cnnkit.train.autobatch import choose_batch_size
-
     choice = choose_batch_size(
         model.to(ctx.device), data.shape, len(data.train), ctx.device, ctx.dtype
     )
@@ -221,8 +221,6 @@ def _run_training(
             save_split(plan.data, run_dir / SPLIT_FILE)
         _header(plan, run_dir, say)
         if new_folder_run:
-            from cnnkit.data.doctor import quick_check
-
             for finding in quick_check(plan.data):
                 say(f"{finding.level}: {finding.message}")
                 for line in finding.files[:5]:
