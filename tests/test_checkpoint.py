@@ -64,3 +64,19 @@ def test_a_run_written_in_format_1_resumes(tmp_path, mnist_dir):
     run = cnnkit.resume(run_dir, epochs=2, quiet=True)
     assert [r["epoch"] for r in run.history] == [1.0, 2.0]
     assert load_checkpoint(run_dir / "last.pt")["train_state"]["state"]["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    "fmt, message",
+    [
+        ("cnnkit.checkpoint/2", "format version 2 was written by a newer cnnkit"),
+        ("cnnkit.checkpoint/0", "unknown checkpoint format 'cnnkit.checkpoint/0'"),
+        ("cnnkit.checkpoint/v1", "unknown checkpoint format 'cnnkit.checkpoint/v1'"),
+    ],
+)
+def test_a_checkpoint_format_this_version_does_not_read_is_a_clear_error(tmp_path, fmt, message):
+    save_checkpoint(tmp_path / "x.pt", {"classes": ["a"]})
+    ckpt = torch.load(tmp_path / "x.pt", weights_only=True)
+    torch.save({**ckpt, "format": fmt}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path / "x.pt")

@@ -95,3 +95,16 @@ def test_datasets_and_models_listings(mnist_dir, capsys, monkeypatch):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "seed-cnn" in out and "121,930" in out and "resnet20" in out
+
+
+def test_import_cnnkit_is_light_and_still_reaches_every_part():
+    code = (
+        "import sys, cnnkit\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert callable(cnnkit.train) and callable(cnnkit.load_run)\n"
+        "assert cnnkit.models.list_models()\n"  # subpackages resolve on first use
+        "import cnnkit.train.loop\n"
+        "assert callable(cnnkit.train), 'the subpackage must not shadow train()'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

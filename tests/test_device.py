@@ -72,3 +72,22 @@ def test_host_memory_without_proc_falls_back_to_sysconf(monkeypatch):
     monkeypatch.setattr(dev.os, "sysconf", no_free_pages)
     expected = real_sysconf("SC_PHYS_PAGES") * real_sysconf("SC_PAGE_SIZE")
     assert dev.free_memory_bytes(torch.device("cpu")) == expected
+
+
+def test_the_execution_context_is_resolved_once_and_printed_in_the_run_header(monkeypatch):
+    from cnnkit.models import create_model
+
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    model = create_model("seed-cnn", 10, 1, (28, 28))
+    ctx = dev.ExecutionContext.resolve(
+        device="cpu", precision="auto", eval_batch_size=1000, model=model, image_size=(28, 28)
+    )
+    assert ctx.dtype == torch.float32 and ctx.channels_last and not ctx.compile
+    assert ctx.eval_batch == dev.inference_batch_size(1000, (28, 28), ctx.device)
+    header = ctx.describe()
+    assert header.startswith("cpu") and "float32 (auto: this CPU has no native bf16)" in header
+    assert header.endswith(", channels_last")
+    features = ctx.for_features()  # a head on feature vectors: no layout, the setting's batch
+    assert not features.channels_last and features.eval_batch == 1000
+    dense = dev.ExecutionContext.resolve(device="cpu", model=torch.nn.Linear(4, 2))
+    assert not dense.channels_last and "channels_last" not in dense.describe()

@@ -118,7 +118,7 @@ def test_tta_averages_the_views(tiny_run):
     views = [images] + [
         padded[..., dy : dy + 28, dx : dx + 28] for dy, dx in ((0, 2), (4, 2), (2, 0), (2, 4))
     ]  # no flips: digits
-    expected = sum(tiny_run._logits(v).softmax(1) for v in views) / 5
+    expected = sum(tiny_run.logits(v).softmax(1) for v in views) / 5
     torch.testing.assert_close(tta, expected)
 
 

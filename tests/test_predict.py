@@ -17,7 +17,7 @@ def digits():
 
 def test_predict_matches_the_model_on_files_of_any_mode_and_size(tiny_run, digits, tmp_path):
     images, _ = digits
-    logits = tiny_run._logits(images)
+    logits = tiny_run.logits(images)
     expected = [tiny_run.classes[i] for i in logits.argmax(1).tolist()]
     paths = []
     for i, img in enumerate(images):

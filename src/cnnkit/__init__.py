@@ -27,7 +27,12 @@ _EXPORTS = {
 }
 
 
+_SUBPACKAGES = ("config", "data", "deploy", "device", "evaluate", "models", "runs", "version")
+
+
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:  # cnnkit.models.list_models() after a plain 'import cnnkit'
+        return importlib.import_module(f"cnnkit.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'cnnkit' has no attribute '{name}'")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -36,7 +36,11 @@ from pathlib import Path
 
 import torch
 
-from cnnkit.config import RECIPES
+from cnnkit.config import RECIPES, Config, apply_overrides, load_config
+from cnnkit.data import load_dataset
+from cnnkit.device import ExecutionContext, describe
+from cnnkit.runs.directory import throughput
+from cnnkit.train.api import train
 
 # The Keras peer is a TensorFlow script, run by another Python: it lives with the other
 # benchmark scripts in the source tree, not in the installed package.
@@ -51,15 +55,12 @@ def emit(record: dict) -> dict:
 def run_recipe(
     name: str, recipe: Path | None, seed: int, epochs: int | None = None, **settings
 ) -> dict:
-    import cnnkit
-    from cnnkit.config import Config, apply_overrides, load_config
-
     cfg = apply_overrides(Config(), load_config(recipe)) if recipe else Config()
     overrides = {"seed": seed, **settings}
     if epochs:
         overrides["epochs"] = epochs
     with tempfile.TemporaryDirectory() as runs:
-        run = cnnkit.train(apply_overrides(cfg, overrides), runs_dir=runs, quiet=True)
+        run = train(apply_overrides(cfg, overrides), runs_dir=runs, quiet=True)
         accuracy = run.evaluate(split="test", save=False).accuracy
         return measurement(name, seed, run.config, run.history, accuracy)
 
@@ -68,9 +69,6 @@ def measurement(name: str, seed: int, config, history: list[dict], accuracy: flo
     """One run's JSON record from its config and epoch rows: the training time without the
     steps that compiled (reported apart), and the throughput over that time (which counts
     the compiling steps' images too: one or two batches per run)."""
-    from cnnkit.device import ExecutionContext, describe
-    from cnnkit.runs.directory import throughput
-
     ctx = ExecutionContext.resolve(device=config.train.device, precision=config.train.precision)
     seconds = [r["seconds"] for r in history]
     images, _ = throughput(history)
@@ -103,8 +101,6 @@ def pytorch_dataloader_peer(epochs: int, seed: int = 0) -> dict:
     import torch.nn.functional as F
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-
-    from cnnkit.data import load_dataset
 
     torch.manual_seed(seed)
     data = load_dataset("mnist", val_split=0.1, seed=seed)
@@ -162,11 +158,6 @@ def has_tensorflow(python: str) -> bool:
 
 def keras_peer(python: str, epochs: int, seed: int = 0) -> dict:
     """The Keras tutorial, run by a Python that has TensorFlow."""
-    if not KERAS_SCRIPT.is_file():
-        raise FileNotFoundError(
-            f"the Keras peer script {KERAS_SCRIPT} is not here: it is in a cnnkit source "
-            "checkout (benchmarks/bench_keras.py); run the bench from one"
-        )
     out = subprocess.run(
         [python, str(KERAS_SCRIPT), "--epochs", str(epochs), "--seed", str(seed)],
         capture_output=True,
@@ -242,6 +233,9 @@ def bench(
             f"unknown measurement(s) {sorted(unknown)}; choose from {', '.join(MEASUREMENTS)}"
         )
     python = keras_python or sys.executable
+    if "keras" in wanted and not KERAS_SCRIPT.is_file():
+        emit({"benchmark": "keras", "skipped": f"{KERAS_SCRIPT} not here: run from a checkout"})
+        wanted.remove("keras")
     if "keras" in wanted and not has_tensorflow(python):
         emit({"benchmark": "keras", "skipped": f"no TensorFlow in {python}; pass --keras-python"})
         wanted.remove("keras")

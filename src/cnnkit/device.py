@@ -27,9 +27,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def describe(device: torch.device) -> str:
+def describe(device: torch.device, threads: int | None = None) -> str:
     """The device with its hardware's name: 'cuda (NVIDIA H100 80GB HBM3)', 'cpu (AMD EPYC,
-    2 threads)'; just the type where the name is not known."""
+    2 threads)'; just the type where the name is not known. ``threads``: the CPU's intra-op
+    threads (default: torch's current setting)."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     if device.type != "cpu":
@@ -40,7 +41,8 @@ def describe(device: torch.device) -> str:
     except OSError:
         line = ""
     model = line.split(":", 1)[-1].strip()
-    return f"cpu ({model}, {torch.get_num_threads()} threads)" if model else "cpu"
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"cpu ({model}, {threads} threads)" if model else "cpu"
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -231,7 +233,8 @@ class ExecutionContext:
 
     def describe(self) -> str:
         """For the run header: 'cpu (AMD EPYC, 2 threads) float32 (auto: ...)'."""
-        text = f"{describe(self.device)} {precision_label(self.precision, self.dtype, self.device)}"
+        where = describe(self.device, self.threads)
+        text = f"{where} {precision_label(self.precision, self.dtype, self.device)}"
         extras = [
             name
             for name, on in (("channels_last", self.channels_last), ("torch.compile", self.compile))

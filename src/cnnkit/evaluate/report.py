@@ -48,7 +48,7 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     split = split or ("test" if data.test is not None and len(data.test) else "val")
     part = data.split(split)
     labels = part.labels.to(run.device)
-    logits = run._logits(part.images)
+    logits = run.logits(part.images)
     probs = logits.softmax(1)
     metrics = classification_report(logits, labels, run.classes, split)
     calib = calibration(probs.cpu(), labels.cpu())
@@ -60,8 +60,8 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     layer = last_conv_layer(run.model)
     entries, images = _galleries(run, part.images, labels, probs, names, gallery, layer)
     title = f"{data.name} {split} split ({len(part):,} images)"
-    images.update(_plots(run, metrics.confusion_matrix, calib, title))
     history = run.history
+    images.update(_plots(run, history, metrics.confusion_matrix, calib, title))
     report = {
         "run": _run_facts(run, data.name, history),
         "split": split,
@@ -113,10 +113,11 @@ def _galleries(run, stored, labels, probs, names, gallery: int, layer: str) -> t
     return entries, images
 
 
-def _plots(run, confusion: list[list[int]], calib: dict, title: str) -> dict[str, str]:
+def _plots(
+    run, history: list[dict], confusion: list[list[int]], calib: dict, title: str
+) -> dict[str, str]:
     """The curves, both confusion matrices and the reliability diagram as data URIs."""
     plots = {}
-    history = run.history
     if history:
         plots["curves"] = _png(lambda f: plot_curves(history, run.path.name, f, with_lr=True))
     plots["confusion_counts"] = _png(

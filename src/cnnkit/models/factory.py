@@ -2,8 +2,8 @@
 
 A name is, in the order tried: a registered model (``list_models()``), a timm architecture
 (``resnet50``, ``efficientnet_lite0``, or ``timm:<arch>``; ImageNet weights with
-``pretrained=True``, see ``cnnkit.models.pretrained``), or a layer spec such as
-``conv32-pool-fc64`` (see ``cnnkit.models.spec``).
+``pretrained=True``, see ``cnnkit.models.pretrained`` and ``cnnkit.models.weights``), or a
+layer spec such as ``conv32-pool-fc64`` (see ``cnnkit.models.spec``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def create_model(
     """Build a model by name for ``num_classes`` outputs and ``in_chans`` input channels.
 
     ``input_size`` (H, W) matters only for models with a flatten + dense head.
-    ``pretrained``, ``weights`` and ``head`` apply to timm backbones (see models.pretrained).
+    ``pretrained``, ``weights`` and ``head`` apply to timm and torchvision backbones (see
+    models.pretrained).
     """
     entry = registered_model(name)
     if (entry is not None or looks_like_spec(name)) and (pretrained or weights or head):

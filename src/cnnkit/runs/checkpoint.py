@@ -41,11 +41,12 @@ from cnnkit.version import __version__
 if TYPE_CHECKING:
     from cnnkit.config import Config
     from cnnkit.data import DataSplits
-    from cnnkit.models.pretrained import Preprocessing
+    from cnnkit.models.weights import Preprocessing
 
 FORMAT_NAME = "cnnkit.checkpoint"
 FORMAT_VERSION = 1
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+READABLE_VERSIONS = (1,)  # a version the schema moved on from gets a converter here
 
 
 def versions() -> dict[str, str]:
@@ -154,7 +155,11 @@ def _format_version(ckpt: Any) -> int | None:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("format"), str):
         return None
     name, _, version = ckpt["format"].partition("/")
-    return int(version) if name == FORMAT_NAME and version.isdigit() else None
+    if name != FORMAT_NAME:
+        return None
+    if not version.isdigit():
+        return -1  # a cnnkit checkpoint with a version this code cannot even parse
+    return int(version)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -177,6 +182,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: checkpoint format version {version} was written by a newer cnnkit; "
             f"this cnnkit ({__version__}) reads versions up to {FORMAT_VERSION}. "
             "Upgrade cnnkit (pip install -U cnnkit) to load it."
+        )
+    if version not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{path}: unknown checkpoint format '{ckpt['format']}'; this cnnkit "
+            f"({__version__}) reads " + ", ".join(f"{FORMAT_NAME}/{v}" for v in READABLE_VERSIONS)
         )
     return ckpt
 

@@ -33,7 +33,7 @@ class Run:
         self.classes: list[str] = checkpoint.classes
         self.preprocessing: dict = checkpoint.preprocessing
         model = checkpoint.build_model()
-        # How inference runs, decided once (serving calls _logits for every batch).
+        # How inference runs, decided once (serving calls logits for every batch).
         t = self.config.train
         self.context = ExecutionContext.resolve(
             device=device,
@@ -67,7 +67,8 @@ class Run:
         """The data this run was trained on, with the same splits and preprocessing."""
         return load_trained_data(self.config, self.preprocessing, self.path / SPLIT_FILE)
 
-    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of uint8 images (N, C, H, W) at the model's input size."""
         return batched_logits(self.model, images, self.normalizer, self.context)
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ class Run:
             and self.preprocessing.get("resize") == "shorter-side"
         ):
             views.append(images.flip(-1))
-        probs = sum(self._logits(v).softmax(1) for v in views) / len(views)
+        probs = sum(self.logits(v).softmax(1) for v in views) / len(views)
         return probs.clamp_min(1e-12).log()
 
     def evaluate(
@@ -101,7 +102,7 @@ class Run:
             raise ValueError(f"split must be test, val or train, got '{split}'")
         data = self.data()
         part = data.split(split)
-        logits = self.tta_logits(part.images) if tta else self._logits(part.images)
+        logits = self.tta_logits(part.images) if tta else self.logits(part.images)
         report = classification_report(logits, part.labels.to(self.device), self.classes, split)
         if save:
             self.save_evaluation(report, data.name)
@@ -158,7 +159,7 @@ class Run:
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities of uint8 images (N, C, H, W) at the model's input size."""
-        return self._logits(images).softmax(1)
+        return self.logits(images).softmax(1)
 
     def predict(self, images, top_k: int = 5) -> list[Prediction]:
         """Top-k predictions for paths, PIL images, arrays or tensors (one or a list).

@@ -23,7 +23,7 @@ from cnnkit.config import Config, apply_overrides, dump_config, resolve_key
 from cnnkit.data import DataSplits
 from cnnkit.data.doctor import quick_check
 from cnnkit.data.resolve import load_data, weights_preprocessing
-from cnnkit.device import ExecutionContext
+from cnnkit.device import ExecutionContext, resolve_device
 from cnnkit.models import create_model
 from cnnkit.runs.checkpoint import Checkpoint, describe_run, read_checkpoint
 from cnnkit.runs.directory import (
@@ -78,6 +78,7 @@ class _Plan:
 def _plan_run(cfg: Config, run_dir: Path, resume: Checkpoint | None) -> _Plan:
     """Load the data, build the model, resolve the execution context and the batch size
     (once: config.yaml then keeps the number), plan the stages."""
+    device = resolve_device(cfg.train.device)  # an unavailable device fails before any work
     pre = weights_preprocessing(cfg)
     data = load_data(
         cfg,
@@ -89,7 +90,7 @@ def _plan_run(cfg: Config, run_dir: Path, resume: Checkpoint | None) -> _Plan:
     model = build_model(cfg, data, resume)
     t = cfg.train
     ctx = ExecutionContext.resolve(
-        device=t.device,
+        device=device,
         precision=t.precision,
         compile=t.compile,
         eval_batch_size=t.eval_batch_size,

@@ -205,8 +205,9 @@ def _prepare(
     steps = math.ceil(len(train) / cfg.train.batch_size)
     optimizer = build_optimizer(model, cfg.optim, lr=stage.lr, param_groups=stage.param_groups)
     val = data.val.to(device) if data.val is not None and len(data.val) else None
-    num_classes = len(data.classes)
-    weights = class_weights(train.labels, num_classes)
+    weights = None  # inverse class frequencies, for the weighted loss or balanced sampling
+    if cfg.train.class_weights == "auto" or cfg.train.sampler == "balanced":
+        weights = class_weights(train.labels, len(data.classes))
     return _Setup(
         model=model,
         saved_model=saved_model,
