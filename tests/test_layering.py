@@ -21,7 +21,7 @@ LAYERS = [
     ("evaluate", ["cnnkit.evaluate"]),
     ("data", ["cnnkit.data"]),
     ("models", ["cnnkit.models"]),
-    ("foundation", ["cnnkit.config", "cnnkit.device", "cnnkit.version"]),
+    ("foundation", ["cnnkit.config", "cnnkit.device", "cnnkit.progress", "cnnkit.version"]),
 ]
 
 

@@ -15,6 +15,7 @@ from cnnkit.data import DataSplits, ImageTensors
 from cnnkit.data.memory import Normalizer
 from cnnkit.device import ExecutionContext
 from cnnkit.models.pretrained import BackboneClassifier
+from cnnkit.progress import progress
 from cnnkit.runs.inference import batched_forward
 
 from .optim import decay_groups
@@ -96,20 +97,25 @@ def backbone_features(
         model.to(memory_format=torch.channels_last)
     normalizer = Normalizer(data.mean, data.std, ctx.device, crop=data.input_size)
 
-    def features(part: ImageTensors | None) -> ImageTensors | None:
-        if part is None:
-            return None
-        return ImageTensors(
-            batched_forward(model.features, part.images, normalizer, ctx), part.labels
-        )
+    parts = [p for p in (data.train, data.val) if p is not None]
+    # Chunks of a few evaluation batches: the bar moves every second or so on a CPU.
+    chunk = 4 * ctx.eval_batch
+    with progress("backbone features", sum(len(p) for p in parts), summary=False) as advance:
 
+        def features(part: ImageTensors | None) -> ImageTensors | None:
+            if part is None:
+                return None
+            if not len(part):
+                return ImageTensors(
+                    batched_forward(model.features, part.images, normalizer, ctx), part.labels
+                )
+            out = []
+            for images in part.images.split(chunk):
+                out.append(batched_forward(model.features, images, normalizer, ctx))
+                advance(len(images))
+            return ImageTensors(torch.cat(out), part.labels)
+
+        train, val = features(data.train), features(data.val)
     return DataSplits(
-        data.name,
-        data.classes,
-        features(data.train),
-        features(data.val),
-        None,
-        data.mean,
-        data.std,
-        is_features=True,
+        data.name, data.classes, train, val, None, data.mean, data.std, is_features=True
     )

@@ -1,0 +1,31 @@
+import re
+
+from cnnkit.progress import progress
+
+
+def test_a_step_reports_one_line_with_its_count_time_and_rate_when_not_on_a_terminal(capsys):
+    with progress("decoding", 30, unit="images") as advance:
+        for _ in range(3):
+            advance(10)
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout stays clean for --json
+    assert re.fullmatch(r"decoding: 30 images in \d+\.\ds( \([\d,]+ images/s\))?\n", err)
+
+
+def test_quiet_and_summary_off_print_nothing(capsys):
+    with progress("features", 5, quiet=True) as advance:
+        advance(5)
+    with progress("features", 5, summary=False) as advance:
+        advance(5)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_line_is_printed_even_when_the_step_fails(capsys):
+    try:
+        with progress("report", 10) as advance:
+            advance(4)
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    err = capsys.readouterr().err
+    assert "report: 4 images in" in err and err.endswith(", stopped\n")
