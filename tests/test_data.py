@@ -19,6 +19,7 @@ from cnnkit.data import (
     read_cifar,
     read_idx,
     stratified_split,
+    stratified_subset,
 )
 from cnnkit.data.builtin import locate
 
@@ -232,3 +233,24 @@ def test_fashion_mnist_from_debian_package(fashion_dir):
     assert len(data.train) == 60_000 and len(data.test) == 10_000
     assert data.classes[0] == "T-shirt/top" and data.classes[9] == "Ankle boot"
     assert torch.bincount(data.test.labels).tolist() == [1000] * 10
+
+
+def test_limit_keeps_exactly_that_many_training_images_stratified(mnist_dir):
+    # Rounding each class on its own gave 5,001 images for --limit 5000.
+    full = load_dataset("mnist", val_split=0.1, seed=0)
+    data = load_dataset("mnist", val_split=0.1, seed=0, limit=5000)
+    assert len(data.train) == 5000
+    assert len(data.val) == len(full.val) and len(data.test) == 10_000
+    share = torch.bincount(full.train.labels, minlength=10).double() * 5000 / len(full.train)
+    counts = torch.bincount(data.train.labels, minlength=10)
+    assert ((counts - share).abs() < 1).all()
+
+
+def test_stratified_subset_is_exact_for_every_size():
+    labels = torch.tensor([0] * 7 + [1] * 11 + [2] * 13)
+    for size in range(len(labels) + 3):
+        keep = stratified_subset(labels, size, seed=3)
+        assert len(keep) == min(size, len(labels)) and len(set(keep.tolist())) == len(keep)
+        share = torch.bincount(labels).double() * min(size, len(labels)) / len(labels)
+        assert ((torch.bincount(labels[keep], minlength=3) - share).abs() < 1).all()
+    assert torch.equal(stratified_subset(labels, 10, 3), stratified_subset(labels, 10, 3))

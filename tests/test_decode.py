@@ -13,6 +13,7 @@ from cnnkit.data.decode import (
     ImageReadError,
     ImageTooLargeError,
     NotAnImageError,
+    image_header,
     open_image,
 )
 
@@ -113,3 +114,14 @@ def test_file_failures_name_the_file(tmp_path):
         CorruptImageError, match=r"cut.png: cannot decode image \(.*is it truncated"
     ):
         open_image(tmp_path / "cut.png")
+
+
+def test_image_header_reads_mode_and_size_without_decoding(tmp_path):
+    (tmp_path / "grey.png").write_bytes(encoded("PNG", size=(12, 9), mode="L"))
+    assert image_header(tmp_path / "grey.png") == ("L", 12, 9)
+    truncated = encoded("JPEG", size=(64, 48))[:1000]  # header intact, pixels cut off
+    (tmp_path / "cut.jpg").write_bytes(truncated)
+    assert image_header(tmp_path / "cut.jpg") == ("RGB", 64, 48)
+    (tmp_path / "text.png").write_text("not an image")
+    assert image_header(tmp_path / "text.png") is None
+    assert image_header(tmp_path / "missing.png") is None

@@ -242,3 +242,116 @@ def test_imbalance_options(tmp_path):
     )
     assert len(run.history) == 2
     assert "imbalanced" in (run.path / "train.log").read_text()
+
+
+def test_limit_on_a_folder_is_exact(tmp_path):
+    root = make_photos(tmp_path / "photos", per_class=12)
+    data = load_folder(root, image_size=16, val_split=0.1, test_split=0.1, limit=8)
+    assert len(data.train) == 8 and len(data.files["train"]) == 8
+    assert sorted(torch.bincount(data.train.labels).tolist()) == [2, 3, 3]
+
+
+def test_a_class_folder_named_in_latin1_gets_a_valid_text_name(tmp_path, capsys):
+    from cnnkit.cli import main
+
+    root = make_photos(tmp_path / "photos", per_class=4)
+    # A folder and a file named in Latin-1: bytes that are not UTF-8 (é is 0xe9)
+    red = os.path.join(os.fsencode(root), b"caf\xe9")
+    os.rename(os.fsencode(root / "red"), red)
+    os.rename(os.path.join(red, b"red1.jpg"), os.path.join(red, b"cr\xe8me.jpg"))
+    data = load_folder(root, image_size=16, val_split=0, test_split=0)
+    assert data.classes == ["blue", "caf\\xe9", "green"]
+    for text in [*data.classes, *data.notes]:
+        text.encode("utf-8")  # raises on the lone surrogates os.fsdecode makes of 0xe9
+    assert len(data.train) == 12  # the files are read through their real paths
+    reds = data.train.images[data.train.labels == 1].float().mean(dim=(0, 2, 3))
+    assert reds[0] > 150 and reds[1] < 80
+    # a run's split file keeps the real paths: reloading it finds the same images
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"root": data.root, "classes": data.classes, **data.files}))
+    again = load_folder(root, image_size=16, split_file=split)
+    assert again.classes == data.classes and torch.equal(again.train.images, data.train.images)
+    # the doctor prints its findings (every image here is tiny) without a UnicodeEncodeError
+    assert main(["datasets", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "caf\\xe9" in out and "cr\\xe8me.jpg" in out
+
+
+def make_digits(root, per_class: int = 12, side: int = 8):
+    """Class folders of tiny grayscale PNGs (like scikit-learn's 8x8 digits as files): a
+    dark and a light class, each image with its own noise."""
+    rng = np.random.default_rng(0)
+    for name, level in (("dark", 40), ("light", 200)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            a = np.clip(level + rng.integers(-30, 30, (side, side)), 0, 255).astype(np.uint8)
+            Image.fromarray(a, "L").save(root / name / f"{name}{i}.png")
+    return root
+
+
+def test_small_grayscale_images_get_one_channel_and_a_small_input(tmp_path):
+    root = make_digits(tmp_path / "digits")
+    data = load_folder(root, val_split=0, test_split=0)
+    assert data.shape == (1, 16, 16)  # not 3x128x128: 16x upscaled colour copies
+    assert data.notes[0] == (
+        "images are grayscale and 8x8 (median): input 1x16x16 (--image-size to change)"
+    )
+    light = data.train.images[data.train.labels == 1].float().mean()
+    assert light == pytest.approx(200, abs=10)
+    sized = load_folder(root, image_size=24, val_split=0, test_split=0)
+    assert sized.shape == (1, 24, 24)
+    assert sized.notes[0] == "images are grayscale: input 1x24x24 (--image-size to change)"
+    rgb = load_folder(root, channels=3, val_split=0, test_split=0)
+    assert rgb.shape == (3, 16, 16) and "grayscale" not in rgb.notes[0]
+
+
+def test_the_inferred_size_follows_the_median_shorter_side(tmp_path):
+    photos = make_photos(tmp_path / "photos", per_class=5)  # 40-44 x 30-34 colour photos
+    data = load_folder(photos, val_split=0, test_split=0)
+    assert data.shape == (3, 32, 32)
+    assert data.notes[0] == "images are 42x32 (median): input 3x32x32 (--image-size to change)"
+    large = make_photos(tmp_path / "large", per_class=2, size=(150, 140))
+    data = load_folder(large, val_split=0, test_split=0)
+    assert data.shape == (3, 128, 128)  # the photo default, at most
+    assert not any("(--image-size to change)" in n for n in data.notes)
+
+
+def test_a_scratch_run_on_small_grayscale_images_trains_and_reloads_as_chosen(tmp_path):
+    root = make_digits(tmp_path / "digits", per_class=10)
+    run = cnnkit.train(
+        data=str(root), model="seed-cnn", epochs=1, runs_dir=str(tmp_path / "runs"), quiet=True
+    )
+    assert (
+        "images are grayscale and 8x8 (median): input 1x16x16"
+        in (run.path / "train.log").read_text()
+    )
+    assert run.preprocessing["channels"] == 1 and run.data().shape == (1, 16, 16)
+    assert run.predict(root / "light" / "light3.png")[0].label in ("dark", "light")
+
+
+def test_a_pretrained_backbone_keeps_its_size_and_three_channels(tmp_path):
+    from cnnkit.config import Config
+    from cnnkit.data.resolve import load_data, load_trained_data
+    from cnnkit.models.weights import Preprocessing
+
+    root = make_digits(tmp_path / "digits")
+    cfg = Config.from_dict({"data": {"name": str(root), "val_split": 0, "test_split": 0}})
+    data = load_data(cfg, Preprocessing(size=(48, 48), crop_pct=1.0))
+    assert data.shape == (3, 48, 48)
+    assert not any("grayscale" in n for n in data.notes)
+    # reloading a run uses its checkpoint's channels and size, whatever the images are
+    saved = {"size": [40, 40], "channels": 3, "mean": [0.5] * 3, "std": [0.2] * 3}
+    again = load_trained_data(cfg, saved, tmp_path / "no-split.json")
+    assert again.shape == (3, 40, 40) and again.mean == (0.5,) * 3
+
+
+def test_the_header_sample_spans_every_class(tmp_path, monkeypatch):
+    from cnnkit.data import folder
+
+    monkeypatch.setattr(folder, "HEADER_SAMPLE", 4)
+    paths = []
+    for i in range(10):  # grouped as a listing is: seven grayscale files, then three colour
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("L" if i < 7 else "RGB", (20, 20)).save(paths[-1])
+    assert folder.choose_input(paths).channels == 3
+    assert folder.choose_input(paths[:7]).channels == 1

@@ -18,7 +18,14 @@ from .builtin import (
     read_idx,
 )
 from .folder import list_images, load_folder
-from .memory import DataSplits, ImageTensors, Normalizer, channel_stats, stratified_split
+from .memory import (
+    DataSplits,
+    ImageTensors,
+    Normalizer,
+    channel_stats,
+    stratified_split,
+    stratified_subset,
+)
 
 __all__ = [
     "BUILTINS",
@@ -38,6 +45,7 @@ __all__ = [
     "read_cifar",
     "read_idx",
     "stratified_split",
+    "stratified_subset",
 ]
 
 
@@ -53,7 +61,7 @@ def load_dataset(
 
     The validation images come out of the official training set; the official test set is
     kept whole and is never used for model selection. ``limit`` keeps a stratified subset of
-    at most that many training images (for quick experiments).
+    exactly that many training images (all of them if there are fewer; for quick experiments).
     """
     if name not in BUILTINS and not _is_builtin_alias(name):
         if not Path(name).exists():
@@ -76,8 +84,7 @@ def load_dataset(
         keep, take = stratified_split(train.labels, val_split, seed)
         train, val = train.subset(keep), train.subset(take)
     if limit is not None and limit < len(train):
-        keep, _ = stratified_split(train.labels, 1 - limit / len(train), seed)
-        train = train.subset(keep)
+        train = train.subset(stratified_subset(train.labels, limit, seed))
         notes.append(f"training on a stratified subset of {len(train):,} images (limit={limit})")
     mean, std = channel_stats(train.images)
     return DataSplits(spec.name, raw.classes, train, val, test, mean, std, notes)

@@ -161,6 +161,20 @@ def to_pil(image) -> Image.Image:
     raise ImageReadError(f"cannot read an image from a {type(image).__name__}")
 
 
+GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def image_header(path: Path) -> tuple[str, int, int] | None:
+    """(mode, width, height) from a file's header, without decoding the pixels; None when
+    it is not an image Pillow reads. Rotation by EXIF is not applied (the shorter side,
+    which is what callers need, is the same)."""
+    try:
+        with Image.open(path) as im:
+            return im.mode, *im.size
+    except Exception:  # any file that is no readable image: the decoder reports it later
+        return None
+
+
 def resize_and_crop(im: Image.Image, channels: int, size: int) -> Image.Image:
     """Convert the mode, resize the shorter side to ``size`` and crop the centre square."""
     im = to_mode(im, channels)

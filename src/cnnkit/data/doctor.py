@@ -1,10 +1,13 @@
 """The data-set doctor: what is wrong with a folder of images, before training on it.
 
 ``check_dataset(path)`` reads every file once (in worker processes) and reports, by
-severity: files that cannot be decoded; classes with too few images; class imbalance; tiny
-or extremely elongated images; modes that need conversion (CMYK, 16-bit, palette, alpha);
-exact duplicates (same bytes) and near duplicates (perceptual hash), above all the ones
-that sit in two splits: a test image that is also a training image inflates accuracy.
+severity: a data set with no image at all (empty class folders, a list with a header
+only); entries that are no readable file (dangling or looping links, FIFOs, devices);
+list rows pointing outside the list's folder; files that cannot be decoded; classes with
+too few images; class imbalance; tiny or extremely elongated images; modes that need
+conversion (CMYK, 16-bit, palette, alpha); exact duplicates (same bytes) and near
+duplicates (perceptual hash), above all the ones that sit in two splits: a test image that
+is also a training image inflates accuracy.
 
 ``cnnkit train`` runs ``quick_check`` (counts, imbalance, exact duplicates across splits),
 which costs a read of the files and no decoding.
@@ -13,6 +16,7 @@ which costs a read of the files and no decoding.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from .decode import ImageReadError, open_image
-from .folder import list_images, map_in_workers
+from .folder import (
+    FileList,
+    display_name,
+    list_images,
+    map_in_workers,
+    no_images_problem,
+    not_a_file,
+)
 
 MIN_PER_CLASS = 10  # fewer training images than this per class rarely gives a usable model
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this: consider --class-weights auto
@@ -95,16 +106,21 @@ def difference_hash(im) -> int:
 
 def _examine(path: Path, split: str, label: int) -> FileFacts:
     data = path.read_bytes() if path.is_file() else b""
-    facts = FileFacts(str(path), split, label, hashlib.sha1(data).hexdigest())
+    # Shown as valid text (undecodable name bytes as escapes), as class names are.
+    facts = FileFacts(display_name(str(path)), split, label, hashlib.sha1(data).hexdigest())
+    why = not_a_file(path)  # the listing leaves these out; never open one (a FIFO blocks)
+    if why:
+        facts.error = display_name(f"{path}: {why}")
+        return facts
     try:
         im = open_image(path, draft=64)  # keeps the file's mode (the draft is RGB/L only)
         facts.mode = im.mode
         facts.width, facts.height = im.size
         facts.dhash = difference_hash(im)
     except ImageReadError as e:
-        facts.error = str(e)
+        facts.error = display_name(str(e))
     except Exception as e:
-        facts.error = f"{path}: cannot decode image ({type(e).__name__}: {e})"
+        facts.error = display_name(f"{path}: cannot decode image ({type(e).__name__}: {e})")
     return facts
 
 
@@ -247,6 +263,57 @@ def _count(files: dict[str, list[tuple[Path, int]]], k: int) -> dict[str, list[i
     return {s: np.bincount([lb for _, lb in fs], minlength=k).tolist() for s, fs in files.items()}
 
 
+def _outside(root: Path, paths: list[Path]) -> list[Path]:
+    """The paths that lie outside ``root``, by their text (``../`` resolved, links not)."""
+    top = os.path.normpath(os.path.abspath(root))
+    return [
+        p for p in paths if os.path.commonpath([top, os.path.normpath(os.path.abspath(p))]) != top
+    ]
+
+
+def _listing_findings(listing: FileList) -> list[Finding]:
+    """What listing the files showed: no images at all, entries that are no readable file,
+    files that are not images, list rows that point outside the list's folder."""
+    findings = []
+    empty = no_images_problem(listing)
+    if empty:
+        findings.append(Finding("error", "no-images", empty))
+    if listing.skipped:
+        findings.append(
+            Finding(
+                "warning",
+                "not-regular-files",
+                f"{len(listing.skipped)} entr(ies) are not readable files (dangling or looping "
+                "symbolic links, FIFOs, devices) and are skipped; fix or remove them",
+                [f"{display_name(str(p))} ({why})" for p, why in listing.skipped],
+            )
+        )
+    if listing.ignored:
+        findings.append(
+            Finding(
+                "info",
+                "not-images",
+                f"{len(listing.ignored)} file(s) ignored (not image files)",
+                [f"{display_name(str(p))} ({why})" for p, why in listing.ignored],
+            )
+        )
+    if listing.list_file is not None:
+        listed = [p for fs in listing.splits.values() for p, _ in fs]
+        outside = _outside(listing.root, listed)
+        if outside:
+            findings.append(
+                Finding(
+                    "info",
+                    "outside-list-folder",
+                    f"{len(outside)} listed file(s) lie outside the list's folder "
+                    f"{display_name(str(listing.root))} (absolute or ../ paths); they are used, "
+                    "but moving the folder with its list will not take them along",
+                    [display_name(str(p)) for p in outside],
+                )
+            )
+    return findings
+
+
 def check_dataset(
     path: str | Path, near_bits: int = NEAR_DUPLICATE_BITS, workers: int | None = None
 ) -> DoctorReport:
@@ -256,7 +323,7 @@ def check_dataset(
     files = dict(listing.splits)  # a pool stays one split: duplicates in it leak on splitting
     items = [(p, split, lb) for split, fs in files.items() for p, lb in fs]
     facts = examine_files(items, workers)
-    findings: list[Finding] = []
+    findings: list[Finding] = _listing_findings(listing)
 
     broken = [f for f in facts if f.error]
     if broken:
@@ -304,15 +371,6 @@ def check_dataset(
                 + ", ".join(f"{n} {m}" for m, n in modes.most_common()),
             )
         )
-    if listing.ignored:
-        findings.append(
-            Finding(
-                "info",
-                "not-images",
-                f"{len(listing.ignored)} file(s) ignored (not image files)",
-                [f"{p} ({why})" for p, why in listing.ignored],
-            )
-        )
     ok_files = defaultdict(list)
     for f in ok:
         ok_files[f.split].append((Path(f.path), f.label))
@@ -339,7 +397,9 @@ def quick_check(data) -> list[Finding]:
             digest = hashlib.sha1(p.read_bytes()).hexdigest()
             if digest in seen and seen[digest][1] != split:
                 leaks.append(
-                    f"{seen[digest][0]} [{seen[digest][1]}] = {p.relative_to(root)} [{split}]"
+                    display_name(
+                        f"{seen[digest][0]} [{seen[digest][1]}] = {p.relative_to(root)} [{split}]"
+                    )
                 )
             seen.setdefault(digest, (str(p.relative_to(root)), split))
     if leaks:

@@ -14,14 +14,31 @@ training uses, into a uint8 array cached on disk (keyed by the files' content an
 and loaded into memory when it fits, memory-mapped when it does not. Later epochs and later
 runs skip the decoding. A file that cannot be decoded is reported with the reason and left
 out; the count is part of the data set's summary.
+
+Only regular files are read: a dangling or looping symbolic link, a FIFO, a socket or a
+device (which would block the reader) is skipped with a note that names it and why, and a
+linked folder inside a class folder is not followed. A folder or list without a single
+image file is refused with what to put where. A CSV list must be UTF-8 and every row needs
+a path and a label; rows may point outside the list's folder (``../``, absolute paths),
+which ``cnnkit datasets check`` lists.
+
+Class names are text: a class folder's name is decoded as the file system does
+(``os.fsdecode``), and bytes that are not UTF-8 (a folder named in Latin-1, the bytes
+``b'caf\\xe9'``) are shown as visible escapes (the class ``caf\\xe9``, by
+``display_name``), so the name can be logged, plotted and served; the files are still
+read through their real paths, and a run's split file keeps those. File names in notes and
+the doctor's findings are shown the same way.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import io
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,12 +48,18 @@ import numpy as np
 import torch
 
 from .builtin import data_roots, user_cache_dir
-from .decode import ImageReadError, open_image, resize_and_crop
-from .memory import DataSplits, ImageTensors, channel_stats, stratified_split
+from .decode import GRAYSCALE_MODES, ImageReadError, image_header, open_image, resize_and_crop
+from .memory import DataSplits, ImageTensors, channel_stats, stratified_split, stratified_subset
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 CACHE_VERSION = 1
+FOLDER_IMAGE_SIZE = 128  # models trained from scratch on photos, unless --image-size
+# Inferred input sizes never go below this: the tutorial seed-cnn (two valid 3x3 convs, each
+# with a 2x2 pool) needs at least 10x10, and 16 is the next multiple of 8, which keeps 8x8
+# digits at a 2x upscale instead of the 16x of the photo default.
+SMALLEST_INFERRED_SIZE = 16
+HEADER_SAMPLE = 1000  # file headers read to infer channels and size (evenly spread)
 
 
 @dataclass
@@ -47,13 +70,57 @@ class FileList:
     classes: list[str]
     splits: dict[str, list[tuple[Path, int]]]
     ignored: list[tuple[Path, str]] = field(default_factory=list)  # (file, why not used)
+    # entries that are no readable file: dangling or looping links, FIFOs, sockets, devices
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (entry, why)
+    list_file: Path | None = None  # the CSV/TSV list, when the data set is one
+
+    @property
+    def file_count(self) -> int:
+        return sum(len(files) for files in self.splits.values())
 
 
 def _is_hidden(p: Path) -> bool:
     return p.name.startswith(".")
 
 
-def _class_folders(root: Path, ignored: list) -> dict[str, list[Path]]:
+def display_name(name: str) -> str:
+    """``name`` as valid text: bytes of a file name that are not UTF-8 (``os.fsdecode``
+    keeps them as lone surrogates) shown as ``\\xe9``-style escapes; see the module
+    docstring."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def not_a_file(path: Path) -> str:
+    """Why ``path`` is no regular file to read ('' when it is one, or when nothing is
+    there: a missing file is reported when it fails to decode, as before).
+
+    Reading a FIFO or a device would block or never end, so only regular files are read.
+    """
+    try:
+        mode = path.stat().st_mode  # follows symbolic links
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink():
+            return f"dangling symbolic link (to {display_name(os.readlink(path))})"
+        return "" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    kind = next((what for test, what in _SPECIAL_FILES if test(mode)), "a special file")
+    return f"not a regular file ({kind})"
+
+
+def _class_folders(root: Path, ignored: list, skipped: list) -> dict[str, list[Path]]:
     """{class name: image files} for one folder of class folders."""
     out: dict[str, list[Path]] = {}
     for entry in sorted(root.iterdir()):
@@ -62,24 +129,69 @@ def _class_folders(root: Path, ignored: list) -> dict[str, list[Path]]:
         if entry.is_file():
             ignored.append((entry, "not inside a class folder"))
             continue
+        if not entry.is_dir():
+            skipped.append((entry, not_a_file(entry) or "no such folder"))
+            continue
         files = []
         for f in sorted(entry.rglob("*")):
-            if not f.is_file() or any(p.startswith(".") for p in f.relative_to(root).parts):
+            if any(p.startswith(".") for p in f.relative_to(root).parts):
                 continue
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
+            if f.is_dir():
+                if f.is_symlink():  # rglob does not descend into linked folders
+                    skipped.append((f, "symbolic link to a folder, not followed"))
+                continue
+            why = not_a_file(f)
+            if why:
+                skipped.append((f, why))
+            elif f.suffix.lower() in IMAGE_EXTENSIONS:
                 files.append(f)
             else:
                 ignored.append((f, f"not an image file extension ({f.suffix or 'none'})"))
-        out[entry.name] = files
+        out[display_name(entry.name)] = files
     return out
 
 
+def _read_text(path: Path) -> str:
+    """The list's text; a list that is not UTF-8 is refused with what to do about it."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        raise ValueError(
+            f"{path}: the list is saved as UTF-16 (or holds NUL bytes); save it as UTF-8 "
+            "(in Excel: 'CSV UTF-8') and try again"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the list "
+            "as UTF-8 (in Excel: 'CSV UTF-8') and try again"
+        ) from None
+
+
+def _lines_have(lines: list[int], what: str) -> str:
+    """'line 3 has WHAT' or 'lines 3, 6 have WHAT' (the first ten numbers)."""
+    if len(lines) == 1:
+        return f"line {lines[0]} has {what}"
+    shown = ", ".join(map(str, lines[:10]))
+    more = f" and {len(lines) - 10} more" if len(lines) > 10 else ""
+    return f"lines {shown}{more} have {what}"
+
+
 def _read_csv(path: Path) -> FileList:
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     dialect = (
         "excel-tab" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n")[0] else "excel"
     )
-    rows = [r for r in csv.reader(text.splitlines(), dialect) if r and any(c.strip() for c in r)]
+    reader = csv.reader(io.StringIO(text, newline=""), dialect)
+    rows, line_of = [], []  # the rows that are not blank, and the line each ends on
+    try:
+        for r in reader:
+            if r and any(c.strip() for c in r):
+                rows.append(r)
+                line_of.append(reader.line_num)
+    except csv.Error as e:
+        raise ValueError(f"{path}, line {reader.line_num}: not a valid CSV/TSV row ({e})") from None
     if not rows:
         raise ValueError(f"{path}: empty list; expected rows of path,label")
     header = [c.strip().lower() for c in rows[0]]
@@ -92,9 +204,14 @@ def _read_csv(path: Path) -> FileList:
     body = rows[1:] if has_header else rows
     split_col = header.index("split") if has_header and "split" in header else None
     entries: list[tuple[Path, str, str]] = []
-    for n, r in enumerate(body, start=2 if has_header else 1):
+    no_label, no_path = [], []
+    for n, r in zip(line_of[1:] if has_header else line_of, body, strict=True):
         if len(r) < 2:
             raise ValueError(f"{path}, line {n}: expected path,label, got {r!r}")
+        if not r[0].strip():
+            no_path.append(n)
+        if not r[1].strip():
+            no_label.append(n)
         split = "all"
         if split_col is not None:
             split = SPLIT_NAMES.get(r[split_col].strip().lower(), "")
@@ -103,12 +220,25 @@ def _read_csv(path: Path) -> FileList:
                     f"{path}, line {n}: split must be train, val or test, got '{r[split_col]}'"
                 )
         entries.append(((path.parent / r[0].strip()), r[1].strip(), split))
+    # An empty label would make a class named '', an empty path would name the folder.
+    if no_label or no_path:
+        problems = [_lines_have(no_label, "an empty label")] if no_label else []
+        problems += [_lines_have(no_path, "an empty path")] if no_path else []
+        raise ValueError(
+            f"{path}: {'; '.join(problems)}; give every row a path and its class, or delete "
+            "those rows"
+        )
+    # Only regular files are read: a FIFO would block the decoder (and the content hash).
+    skipped = [(p, why) for p, _, _ in entries if (why := not_a_file(p))]
+    if skipped:
+        dropped = {p for p, _ in skipped}
+        entries = [e for e in entries if e[0] not in dropped]
     classes = sorted({label for _, label, _ in entries})
     index = {c: i for i, c in enumerate(classes)}
     splits: dict[str, list[tuple[Path, int]]] = {}
     for p, label, split in entries:
         splits.setdefault(split, []).append((p, index[label]))
-    return FileList(path.parent, classes, splits)
+    return FileList(path.parent, classes, splits, skipped=skipped, list_file=path)
 
 
 def find_data_path(path: str | Path) -> Path:
@@ -138,11 +268,12 @@ def list_images(path: str | Path) -> FileList:
         )
     subdirs = {d.name.lower(): d for d in path.iterdir() if d.is_dir() and not _is_hidden(d)}
     ignored: list[tuple[Path, str]] = []
+    skipped: list[tuple[Path, str]] = []
     if "train" in subdirs:
         split_dirs = {SPLIT_NAMES[name]: d for name, d in subdirs.items() if name in SPLIT_NAMES}
-        per_split = {s: _class_folders(d, ignored) for s, d in split_dirs.items()}
+        per_split = {s: _class_folders(d, ignored, skipped) for s, d in split_dirs.items()}
     else:
-        per_split = {"all": _class_folders(path, ignored)}
+        per_split = {"all": _class_folders(path, ignored, skipped)}
     classes = sorted({c for folders in per_split.values() for c in folders})
     if len(classes) < 2:
         raise ValueError(
@@ -154,7 +285,91 @@ def list_images(path: str | Path) -> FileList:
         s: [(f, index[c]) for c in sorted(folders) for f in folders[c]]
         for s, folders in per_split.items()
     }
-    return FileList(path, classes, splits, ignored)
+    return FileList(path, classes, splits, ignored, skipped)
+
+
+def no_images_problem(listing: FileList) -> str:
+    """What to say when a listing has no image files at all ('' when it has some)."""
+    if listing.file_count:
+        return ""
+    if listing.list_file is not None:
+        what = f"no images found in {display_name(str(listing.list_file))}: "
+        if listing.skipped:
+            what += f"all {len(listing.skipped)} row(s) name no readable file"
+        else:
+            what += "the list has no rows of path,label"
+        return what + "; add rows of path,label (paths relative to the list's folder)"
+    root = display_name(str(listing.root))
+    what = f"no images found in {root} ({len(listing.classes)} class folders, all empty"
+    if listing.ignored or listing.skipped:
+        what += f"; {len(listing.ignored) + len(listing.skipped)} other file(s) left out"
+    return (
+        what + f"); put each class's images in its folder (e.g. {root}/"
+        f"{listing.classes[0]}/001.jpg), as .jpg, .png, .webp, .bmp, .gif or .tiff files"
+    )
+
+
+def _skipped_notes(skipped: list[tuple[Path, str]], limit: int = 10) -> list[str]:
+    if not skipped:
+        return []
+    lines = [f"skipped {len(skipped)} entr(ies) that are not readable files:"]
+    lines += [f"  {display_name(str(p))}: {why}" for p, why in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more ('cnnkit datasets check' lists all)")
+    return lines
+
+
+# ---------------------------------------------------------------- the model input
+
+
+@dataclass
+class InputChoice:
+    """The channels and input side a folder is decoded at, and why (for the run header)."""
+
+    channels: int
+    size: int
+    note: str  # '' when nothing was inferred that differs from the photo default
+
+
+def choose_input(
+    paths: list[Path], image_size: int | None = None, channels: int | None = None
+) -> InputChoice:
+    """Infer what is not given from the images' headers (no decoding): 1 channel when they
+    are all grayscale, and for small images their median shorter side rounded to a multiple
+    of 8 (at least ``SMALLEST_INFERRED_SIZE``, at most ``FOLDER_IMAGE_SIZE``), so that small
+    images are not upscaled many-fold. Up to ``HEADER_SAMPLE`` headers are read, evenly
+    spread over the files, so a large data set costs no more than a small one.
+    """
+    if image_size is not None and channels is not None:
+        return InputChoice(channels, image_size, "")
+    # Evenly spread over all the files: they are grouped by split and class.
+    sample = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), HEADER_SAMPLE)).round())
+    probed = [paths[int(i)] for i in sample] if paths else []
+    headers = [h for p in probed if not not_a_file(p) and (h := image_header(p))]
+    if not headers:  # nothing readable: the decoder reports why; keep the photo defaults
+        return InputChoice(channels or 3, image_size or FOLDER_IMAGE_SIZE, "")
+    what = []  # what was inferred, for the note
+    if channels is None:
+        grayscale = all(mode in GRAYSCALE_MODES for mode, _, _ in headers)
+        channels = 1 if grayscale else 3
+        what += ["grayscale"] if grayscale else []
+    if image_size is None:
+        shorter = int(np.median([min(w, h) for _, w, h in headers]))
+        image_size = FOLDER_IMAGE_SIZE
+        if shorter < FOLDER_IMAGE_SIZE:
+            nearest = int(shorter / 8 + 0.5) * 8  # round half up: 28x28 digits give 32
+            image_size = min(FOLDER_IMAGE_SIZE, max(SMALLEST_INFERRED_SIZE, nearest))
+            width = int(np.median([w for _, w, _ in headers]))
+            height = int(np.median([h for _, _, h in headers]))
+            what.append(f"{width}x{height} (median)")
+    if not what:
+        return InputChoice(channels, image_size, "")
+    return InputChoice(
+        channels,
+        image_size,
+        f"images are {' and '.join(what)}: input {channels}x{image_size}x{image_size} "
+        "(--image-size to change)",
+    )
 
 
 # ---------------------------------------------------------------- decoding
@@ -162,6 +377,9 @@ def list_images(path: str | Path) -> FileList:
 
 def decode_one(path: Path, channels: int, size: int) -> np.ndarray:
     """One file -> uint8 (C, size, size); raises ImageReadError with the reason."""
+    why = not_a_file(path)  # a FIFO named in a run's split.json must not block decoding
+    if why:
+        raise ImageReadError(f"{display_name(str(path))}: {why}")
     im = resize_and_crop(open_image(path, draft=size), channels, size)
     a = np.asarray(im, dtype=np.uint8)
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
@@ -171,9 +389,9 @@ def _decode_or_error(path: Path, channels: int, size: int) -> tuple[np.ndarray |
     try:
         return decode_one(path, channels, size), ""
     except ImageReadError as e:
-        return None, str(e)
+        return None, display_name(str(e))
     except Exception as e:  # a decoder bug must not end the whole data set
-        return None, f"{path}: cannot decode image ({type(e).__name__}: {e})"
+        return None, display_name(f"{path}: cannot decode image ({type(e).__name__}: {e})")
 
 
 class _Map(torch.utils.data.Dataset):
@@ -207,9 +425,11 @@ def content_key(paths: list[Path], channels: int, size: int) -> str:
     h = hashlib.sha256(f"cnnkit-decoded/{CACHE_VERSION}/{channels}/{size}".encode())
     for p in paths:
         try:
+            if not_a_file(p):  # never read a FIFO or device: it can block forever
+                raise OSError(f"{p}: not a regular file")
             h.update(hashlib.sha1(p.read_bytes()).digest())
         except OSError:
-            h.update(b"unreadable:" + str(p).encode())
+            h.update(b"unreadable:" + os.fsencode(p))
     return h.hexdigest()[:32]
 
 
@@ -318,6 +538,13 @@ def plan_splits(
 ) -> dict[str, list[tuple[Path, int]]]:
     """The files of each split: made from one pool, or as the folder/CSV defines them."""
     splits = dict(listing.splits)
+    if "all" not in splits and not splits.get("train"):  # before splitting an empty train/
+        where = "rows with split 'train'" if listing.list_file else "images in train/<class>/"
+        raise ValueError(
+            f"{display_name(str(listing.list_file or listing.root))}: no training images "
+            f"found, only {', '.join(s for s in splits if splits[s]) or 'empty splits'}; "
+            f"add {where}"
+        )
     if "all" in splits:
         if len(splits) > 1:
             raise ValueError(f"{listing.root}: some rows name a split and some do not")
@@ -336,26 +563,29 @@ def plan_splits(
         splits["train"] = [train[i] for i in keep.tolist()]
         splits["val"] = [train[i] for i in take.tolist()]
         notes.append(f"no val/ split: {val_split:.0%} of train/ held out (stratified)")
-    if "train" not in splits:
-        raise ValueError(f"{listing.root}: no training images found")
+    if not splits.get("train"):
+        raise ValueError(f"{display_name(str(listing.root))}: no training images found")
     return splits
 
 
 def load_folder(
     path: str | Path,
     *,
-    image_size: int,
+    image_size: int | None = None,
     crop_pct: float = 1.0,
     val_split: float = 0.1,
     test_split: float = 0.1,
     seed: int = 0,
     limit: int | None = None,
     split_file: str | Path | None = None,
-    channels: int = 3,
+    channels: int | None = None,
 ):
     """Load a folder or CSV data set into memory (see the module docstring).
 
-    ``split_file``: a run's split.json, to get exactly the files that run used.
+    ``image_size`` and ``channels``: the model input; each one not given is inferred from
+    the images (``choose_input``: grayscale images give 1 channel, small ones a smaller
+    size), with a note saying what was chosen. ``split_file``: a run's split.json, to get
+    exactly the files that run used.
     """
     notes: list[str] = []
     if split_file is not None:
@@ -368,14 +598,24 @@ def load_folder(
         }
     else:
         listing = list_images(path)
+        empty = no_images_problem(listing)
+        if empty:
+            raise ValueError(empty)
         root, classes = listing.root, listing.classes
         splits = plan_splits(listing, val_split, test_split, seed, notes)
         if listing.ignored:
-            examples = ", ".join(f"{p.name} ({why})" for p, why in listing.ignored[:3])
+            examples = ", ".join(
+                f"{display_name(p.name)} ({why})" for p, why in listing.ignored[:3]
+            )
             notes.append(f"ignored {len(listing.ignored)} file(s) that are not images: {examples}")
+        notes += _skipped_notes(listing.skipped)
 
     order = [s for s in ("train", "val", "test") if s in splits]
     all_files = [f for s in order for f in splits[s]]
+    choice = choose_input([p for p, _ in all_files], image_size, channels)
+    image_size, channels = choice.size, choice.channels
+    if choice.note:
+        notes.insert(0, choice.note)
     stored = round(image_size / crop_pct)
     decoded = decode_images([p for p, _ in all_files], channels, stored)
     n = len(all_files)
@@ -389,6 +629,14 @@ def load_folder(
     if decoded.errors:
         notes.append(f"skipped {len(decoded.errors)} file(s) that could not be decoded:")
         notes += [f"  {e}" for e in decoded.errors]
+
+    train_count = len(splits["train"])
+    if not any(i < train_count for i in decoded.kept):  # the train split comes first
+        raise ValueError(
+            f"{display_name(str(path))}: none of the {train_count:,} training image files "
+            f"could be decoded (the first: {decoded.errors[0]}); run 'cnnkit datasets check "
+            f"{display_name(str(path))}' for each file's reason"
+        )
 
     # The cache holds the decoded files in split order, so each split is a contiguous slice:
     # a view, which keeps a memory-mapped cache on disk (batches then read only their rows).
@@ -414,13 +662,13 @@ def load_folder(
             "memory budget, read from the memory-mapped cache batch by batch"
         )
     if limit is not None and limit < len(parts["train"]):
-        keep, _ = stratified_split(parts["train"].labels, 1 - limit / len(parts["train"]), seed)
+        keep = stratified_subset(parts["train"].labels, limit, seed)
         parts["train"] = parts["train"].subset(keep)
         files["train"] = [files["train"][i] for i in keep.tolist()]
         notes.append(f"training on a stratified subset of {len(keep):,} images (limit={limit})")
     mean, std = channel_stats(parts["train"].images)
     return DataSplits(
-        name=Path(path).name if path else root.name,
+        name=display_name(Path(path).name if path else root.name),
         classes=list(classes),
         train=parts["train"],
         val=parts.get("val"),

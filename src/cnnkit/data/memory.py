@@ -106,6 +106,37 @@ def stratified_split(
     return torch.sort(torch.cat(kept)).values, torch.sort(torch.cat(taken)).values
 
 
+def stratified_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of exactly ``size`` items (all of them if there are fewer), every
+    class keeping its share to within one item, seeded.
+
+    Each class gets the floor of its proportional share; the items left over go to the
+    classes with the largest remainders (largest-remainder apportionment), so the total is
+    exact, where rounding each class on its own can miss it by several items. Within a
+    class the items are the ones ``stratified_split`` with the same seed keeps, so a subset
+    changes little from the rounding-per-class one it replaces.
+    """
+    total = len(labels)
+    if size >= total:
+        return torch.arange(total)
+    if size < 0:
+        raise ValueError(f"subset size must be at least 0, got {size}")
+    classes, counts = torch.unique(labels, return_counts=True)
+    shares = counts.double() * size / total
+    quota = shares.floor().long()
+    left_over = size - int(quota.sum())
+    # ties in the remainder go to the earlier class (a stable sort), for a seeded result
+    by_remainder = torch.sort(shares - quota, descending=True, stable=True).indices
+    quota[by_remainder[:left_over]] += 1
+    g = torch.Generator().manual_seed(seed)
+    kept = []
+    for c, count, keep in zip(classes, counts.tolist(), quota.tolist(), strict=True):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        kept.append(idx[count - keep :])  # stratified_split keeps the tail of the permutation
+    return torch.sort(torch.cat(kept)).values
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images, in [0, 1] units.
 

@@ -11,10 +11,10 @@ from cnnkit.models.pretrained import is_backbone_name
 from cnnkit.models.weights import Preprocessing, preprocessing_for
 
 from . import is_builtin, load_dataset
-from .folder import load_folder
+from .folder import FOLDER_IMAGE_SIZE, load_folder
 from .memory import DataSplits
 
-FOLDER_IMAGE_SIZE = 128  # models trained from scratch on photos, unless --image-size
+__all__ = ["FOLDER_IMAGE_SIZE", "load_data", "load_trained_data", "weights_preprocessing"]
 
 
 def weights_preprocessing(cfg: Config) -> Preprocessing | None:
@@ -42,14 +42,20 @@ def load_data(
             d.name, data_dir=d.data_dir, val_split=d.val_split, seed=cfg.train.seed, limit=d.limit
         )
     else:
+        # The size and channels a run was trained at, a backbone's own (3 channels), or,
+        # training from scratch, --image-size if given, the rest inferred from the images
+        # (load_folder: 1 channel for grayscale ones, a smaller size for small ones).
         if preprocessing is not None:
             size, crop_pct = preprocessing["size"][0], preprocessing.get("crop_pct", 1.0)
+            channels = preprocessing.get("channels", 3)
+        elif pre is not None:
+            size, crop_pct, channels = d.image_size or pre.size[0], pre.crop_pct, 3
         else:
-            size = d.image_size or (pre.size[0] if pre else FOLDER_IMAGE_SIZE)
-            crop_pct = pre.crop_pct if pre else 1.0
+            size, crop_pct, channels = d.image_size, 1.0, None
         data = load_folder(
             d.name,
             image_size=size,
+            channels=channels,
             crop_pct=crop_pct,
             val_split=d.val_split,
             test_split=d.test_split,

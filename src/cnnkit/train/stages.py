@@ -35,13 +35,16 @@ class Stage:
 
 def resolve_augment(cfg: Config, data: DataSplits, stage: str) -> str:
     """'auto': none for the built-in sets (the tutorials' recipe); for photos, none while
-    the head trains on cached features, and 'photo' whenever the backbone learns."""
+    the head trains on cached features, and 'photo' whenever the backbone learns ('affine',
+    the Keras tutorial's, for grayscale folders)."""
     if cfg.data.augment != "auto":
         return cfg.data.augment
     if data.files is None:
         return "none"
     if stage == "head" and cfg.finetune.cache_features:
         return "none"
+    if data.shape[0] == 1:  # grayscale digits or glyphs: a flip changes what they mean
+        return "affine"
     return "photo"
 
 
