@@ -91,7 +91,7 @@ def open_image(
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: too large to decode ({e})", str(e)) from None
     # Image.open itself raises OSError or ValueError on some truncated headers.
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, NotImplementedError) as e:
         raise CorruptImageError(
             f"{name}: cannot decode image ({e}); is it truncated?", str(e)
         ) from None
