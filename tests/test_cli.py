@@ -108,3 +108,21 @@ def test_import_cnnkit_is_light_and_still_reaches_every_part():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_pyproject_license_is_an_spdx_expression_setuptools_reads_without_warning():
+    # The table form, license = { text = ... }, is deprecated: setuptools >= 77 warned on
+    # every install.
+    import warnings
+    from pathlib import Path
+
+    pytest.importorskip("setuptools", minversion="77")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), pyproject)
+    assert dist.metadata.license_expression == "Apache-2.0"
+    assert not [w for w in caught if "license" in str(w.message)]

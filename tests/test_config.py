@@ -82,3 +82,25 @@ def test_gpu_recipes_build_their_models_and_compile(name):
     assert cfg.train.compile and cfg.train.batch_size >= 256
     model = create_model(cfg.model.name, 10, 1, (28, 28))
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_list_or_mapping_where_a_value_belongs_is_a_clear_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim: {lr: [1, 2]}\ndata: {name: {a: 1}}\n")
+    overrides = load_config(recipe)
+    with pytest.raises(ValueError, match=r"setting 'optim.lr' must be float, got \[1, 2\]"):
+        apply_overrides(Config(), {"optim.lr": overrides["optim.lr"]})
+    # str() would have made the mapping the data set "{'a': 1}"
+    with pytest.raises(ValueError, match=r"setting 'data.name' must be str, got \{'a': 1\}"):
+        apply_overrides(Config(), {"data.name": overrides["data.name"]})
+    with pytest.raises(ValueError, match=r"setting 'train.compile' must be bool, got \[\]"):
+        apply_overrides(Config(), {"compile": []})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("lr", "inf"), ("lr", "nan"), ("momentum", "-inf"), ("time_budget", "inf")],
+)
+def test_float_settings_refuse_inf_and_nan(key, value):
+    with pytest.raises(ValueError, match=r"= (-?inf|nan) must be a finite number"):
+        apply_overrides(Config(), {key: value})

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -103,10 +104,26 @@ def test_explain_command_and_api(tiny_run, tmp_path, capsys):
     Image.fromarray(digit).save(path)
     assert main(["explain", str(tiny_run.path), str(path), "--out", str(tmp_path / "o")]) == 0
     out = tmp_path / "o" / "seven-gradcam.png"
-    assert out.is_file() and Image.open(out).size == (28, 28)
+    # saved at a size an image viewer shows: each of the 28x28 pixels an 8x8 square
+    assert out.is_file() and Image.open(out).size == (224, 224)
     assert "seven.png: " in capsys.readouterr().out
     pred, image = tiny_run.explain(path, layer="features.0")[0]
     assert pred.label is not None and image.size == (28, 28)
+    _, default_layer = tiny_run.explain(path)[0]
+    enlarged = np.asarray(default_layer).repeat(8, 0).repeat(8, 1)
+    assert (np.asarray(Image.open(out)) == enlarged).all()
+
+
+def test_viewable_enlarges_small_images_by_a_whole_factor_and_keeps_large_ones():
+    from cnnkit.evaluate.explain import viewable
+
+    small = Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
+    big = viewable(small)
+    assert big.size == (224, 224)
+    assert (np.asarray(big) == np.asarray(small).repeat(8, 0).repeat(8, 1)).all()  # crisp
+    assert viewable(Image.new("RGB", (100, 60))).size == (400, 240)  # 60 * 4 >= 224
+    large = Image.new("RGB", (300, 224))
+    assert viewable(large) is large
 
 
 def test_tta_averages_the_views(tiny_run):
@@ -131,8 +148,8 @@ def test_compare_runs(mnist_dir, tmp_path, capsys):
     assert main(["compare", str(a), str(b), "--json", "--out", str(tmp_path / "c.png")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["differences"] == {"optim.lr": [1e-4, 3e-3]}
-    accs = [r["accuracy"] for r in result["runs"]]
-    assert result["best"] == result["runs"][accs.index(max(accs))]["run"]
+    vals = [r["val_accuracy"] for r in result["runs"]]  # never the test split
+    assert result["best"] == result["runs"][vals.index(max(vals))]["run"]
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c.png")]) == 0
     assert "optim.lr" in capsys.readouterr().out

@@ -16,6 +16,28 @@ def _flag(key: str) -> str:
     return "--" + flat.replace("_", "-")
 
 
+def _port(text: str) -> int:
+    """argparse type of --port: a TCP port number, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number: use 1-65535")
+    return port
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count such as --top-k: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive: use 1 or more")
+    return value
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -59,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics of a run on its test or validation split")
     p.add_argument("run", help="run directory")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument(
+        "--split",
+        default=None,
+        choices=["test", "val", "train"],
+        help="default: test if the run has one, else val (with a caveat: it selected best.pt)",
+    )
     p.add_argument("--weights", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -113,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument(
         "--backend",
         default="auto",
@@ -134,8 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files with a trained run or ONNX file")
     p.add_argument("run", help="run directory, checkpoint .pt, or exported .onnx")
-    p.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument(
+        "files",
+        nargs="+",
+        help="image files (PNG, JPEG, ...) or folders (every image file under them, sorted)",
+    )
+    p.add_argument(
+        "--top-k", type=_positive_int, default=3, help="classes shown per image (default 3)"
+    )
+    p.add_argument(
+        "--output",
+        metavar="FILE.csv|FILE.json",
+        help="also write every prediction to this file: CSV (a row per image) or JSON",
+    )
     p.add_argument("--weights", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -177,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5, help="epochs of the tutorial and peers")
     p.add_argument("--keras-python", help="a Python with TensorFlow for the Keras peer")
 
+    p = sub.add_parser(
+        "cache",
+        help="cnnkit's cache folders: their size, and clearing them",
+        description="list: each cache folder under $XDG_CACHE_HOME/cnnkit (~/.cache/cnnkit) "
+        "with its size and entries. clear [NAME ...]: delete decoded (the decoded images of "
+        "folder data sets, one entry per image size; rebuilt on the next run) and/or datasets "
+        "(downloaded built-in data sets; downloaded again when needed); default both.",
+    )
+    p.add_argument("action", nargs="?", default="list", choices=["list", "clear"])
+    p.add_argument("names", nargs="*", metavar="NAME", help="clear: decoded, datasets")
+    p.add_argument("--yes", action="store_true", help="clear without asking")
+    p.add_argument("--json", action="store_true", help="list: as JSON")
+
     p = sub.add_parser("models", help="models you can train, with parameter counts")
     p.add_argument("--spec-help", action="store_true", help="explain the layer-spec grammar")
     return parser
@@ -194,6 +245,7 @@ COMMANDS = {
     "datasets": commands.cmd_datasets,
     "bench": commands.cmd_bench,
     "models": commands.cmd_models,
+    "cache": commands.cmd_cache,
 }
 
 

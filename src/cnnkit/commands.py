@@ -39,43 +39,113 @@ def cmd_train(args) -> int:
         last = run.history[-1]
         val = f"val acc {last['val_acc']:.4f}" if last["val_acc"] is not None else "no val"
         print(f"{run.path}: {len(run.history)} epochs, {val}")
+    if args.resume:  # a new best.pt leaves the old report, evaluations and export behind
+        for output in run.stale_outputs():
+            print(f"stale  {output.describe()}\n       rebuild: {output.rebuild}")
     return 0
 
 
 def _table(title: str | None, *columns: str, text_columns: int = 1):
-    """A rich table whose first ``text_columns`` columns are left-aligned, the rest numbers."""
-    from rich.table import Table
+    """A rich table whose first ``text_columns`` columns are left-aligned, the rest numbers.
 
-    t = Table(title=title, title_justify="left", header_style="bold")
+    Its title, headers and string cells are plain text, never rich markup: they hold class
+    names and paths, and a class named ``[red]cat`` must print as itself.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    class PlainTextTable(Table):
+        def add_row(self, *renderables, **kwargs) -> None:
+            cells = [Text(r) if isinstance(r, str) else r for r in renderables]
+            super().add_row(*cells, **kwargs)
+
+    t = PlainTextTable(
+        title=Text(title) if title is not None else None,
+        title_justify="left",
+        header_style="bold",
+    )
     for i, c in enumerate(columns):
         # fold, never elide: a path or class name cut to "..." is information lost
-        t.add_column(c, justify="left" if i < text_columns else "right", overflow="fold")
+        t.add_column(Text(c), justify="left" if i < text_columns else "right", overflow="fold")
     return t
 
 
+# Width of the output when it goes to a pipe or file: wide enough that no line is folded.
+PIPED_WIDTH = 10_000
+
+
 def _console():
+    import os
+
     from rich.console import Console
 
-    return Console(highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped or redirected: there is no screen to fit, and a path folded mid-word at
+        # rich's default 80 columns breaks grep and copy-paste.
+        console = Console(highlight=False, soft_wrap=True, width=PIPED_WIDTH)
+    return console
+
+
+# What `pip install 'cnnkit[deploy]'` brings (pyproject.toml); the core runs without it.
+DEPLOY_MODULES = ("fastapi", "uvicorn", "prometheus_client", "onnx", "onnxruntime", "onnxscript")
+
+
+def _require_deploy_extras(command: str, *modules: str) -> None:
+    """Import ``modules`` now, so a missing deploy extra is one line naming the install
+    command, before a run is loaded or a file written, instead of "No module named ..."."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if (e.name or module).split(".")[0] not in DEPLOY_MODULES:
+                raise  # something else is broken: its own message says what
+            raise ImportError(
+                f"cnnkit {command} needs {e.name or module}, which is not installed: "
+                "pip install 'cnnkit[deploy]'"
+            ) from None
+
+
+def _check_writable(folder: Path, hint: str) -> None:
+    """Fail before any work when nothing can be written in ``folder`` (made if missing).
+
+    A probe file, not os.access: access() says yes to root on a read-only mount.
+    """
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to {folder} ({e.strerror or e}); {hint}") from None
 
 
 def cmd_evaluate(args) -> int:
     import cnnkit
 
     run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
-    report = run.evaluate(split=args.split)
+    choice = run.choose_split(args.split)  # None: test if the run has one, else val
+    stale = [s for s in run.stale_outputs() if s.files[0].name == f"eval-{choice.split}.json"]
+    for output in stale:  # stderr: --json keeps stdout for the JSON
+        print(f"rebuilding a stale output: {output.describe()}", file=sys.stderr)
+    report = run.evaluate(split=choice.split)
     if args.tta:
-        plain, report = report, run.evaluate(split=args.split, tta=True, save=False)
+        plain, report = report, run.evaluate(split=choice.split, tta=True, save=False)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), "split_choice": choice.to_dict()}, indent=2))
         return 0
     con = _console()
     epoch = run.checkpoint_info["epoch"]
     con.print(
         f"[bold]{run.path}[/]: {run.config.model.name} on {run.config.data.name}, "
-        f"{args.weights}.pt (epoch {epoch}), {report.split} split, "
+        f"{args.weights}.pt (epoch {epoch}), {report.split} split ({choice.reason}), "
         f"{report.num_images:,} images"
     )
+    if choice.caveat:
+        con.print(f"[yellow]caveat[/] {choice.caveat}")
     topk = "  ".join(f"top-{k} {v:.2%}" for k, v in report.top_k.items() if k > 1)
     con.print(f"accuracy [bold]{report.accuracy:.2%}[/]  {topk}  loss {report.loss:.4f}")
     t = _table(None, "class", "precision", "recall", "f1", "support")
@@ -126,9 +196,15 @@ def cmd_report(args) -> int:
     import cnnkit
 
     run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    for output in run.stale_outputs():
+        if output.files[0].name == "report.json":
+            print(f"rebuilding a stale output: {output.describe()}")
     html_path, json_path = run.report(split=args.split, gallery=args.gallery)
     report = json.loads(json_path.read_text())
     m = report["metrics"]
+    print(f"{report['split']} split: {report['split_reason']}")
+    if report["caveat"]:
+        print(f"caveat: {report['caveat']}")
     print(
         f"{report['split']} accuracy {m['accuracy']:.2%}, macro F1 {m['macro_avg']['f1']:.4f}, "
         f"ECE {report['calibration']['ece']:.4f}; diagnosis: "
@@ -140,6 +216,7 @@ def cmd_report(args) -> int:
 
 def cmd_explain(args) -> int:
     import cnnkit
+    from cnnkit.evaluate.explain import viewable
 
     run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
     out = Path(args.out) if args.out else run.path / "explain"
@@ -153,7 +230,7 @@ def cmd_explain(args) -> int:
             failed += 1
             continue
         target = out / f"{Path(path).stem}-gradcam.png"
-        image.save(target)
+        viewable(image).save(target)
         print(f"{path}: {pred.label} {pred.top[0][1]:.1%} -> {target}")
     return 1 if failed else 0
 
@@ -177,10 +254,12 @@ def cmd_compare(args) -> int:
             t.add_row(key, *(str(v) for v in values))
         con.print(t)
     t = _table(
-        f"results ({result['split']} split; * best)",
+        f"results (* best by validation accuracy, the column that ranks; "
+        f"{result['split']} split shown beside it)",
         "run",
-        "accuracy",
-        "macro F1",
+        "val acc (ranks)",
+        f"{result['split']} accuracy",
+        f"{result['split']} macro F1",
         "parameters",
         "train time",
         "images/s",
@@ -190,6 +269,7 @@ def cmd_compare(args) -> int:
         mark = " *" if r["run"] == result["best"] else ""
         t.add_row(
             Path(r["run"]).name + mark,
+            f"{r['val_accuracy']:.2%}" if r["val_accuracy"] is not None else "-",
             f"{r['accuracy']:.2%}",
             f"{r['macro_f1']:.4f}",
             f"{r['parameters']:,}",
@@ -198,16 +278,22 @@ def cmd_compare(args) -> int:
             str(r["epochs"]),
         )
     con.print(t)
-    con.print(f"validation curves: {result['plot']}")
+    con.print(result["ranking"])
+    if "plot" in result:
+        con.print(f"validation curves: {result['plot']}")
     return 0
 
 
 def cmd_export(args) -> int:
     import cnnkit
+
+    _require_deploy_extras("export", "onnx", "onnxruntime", "onnxscript")
     from cnnkit.deploy.export import export_onnx
 
     run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
-    result = export_onnx(run, args.out, layout=args.layout, quantize=args.quantize)
+    out = Path(args.out) if args.out else run.path / "model.onnx"
+    _check_writable(out.parent, "choose a writable place with --out FILE.onnx")
+    result = export_onnx(run, out, layout=args.layout, quantize=args.quantize)
     check = result.parity
     print(
         f"wrote {result.path} (uint8 {args.layout.upper()} input, normalisation, classes "
@@ -233,6 +319,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    onnx_backend = args.backend == "onnx" or Path(args.model).suffix == ".onnx"
+    _require_deploy_extras(
+        "serve",
+        "fastapi",
+        "uvicorn",
+        "prometheus_client",
+        *(("onnx", "onnxruntime") if onnx_backend else ()),
+    )
     from cnnkit.deploy.serve import serve
 
     serve(
@@ -248,25 +342,92 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _image_files(arguments: list[str]) -> list[str]:
+    """The files as given, each folder replaced by every image file under it (recursively,
+    sorted; hidden files and folders left out, as the folder data sets do)."""
+    from cnnkit.data.folder import IMAGE_EXTENSIONS
+
+    files = []
+    for argument in arguments:
+        folder = Path(argument)
+        if not folder.is_dir():
+            files.append(argument)  # a missing or unreadable file gets its own error line
+            continue
+        found = sorted(
+            path
+            for path in folder.rglob("*")
+            if path.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+            and path.is_file()
+        )
+        if not found:
+            raise ValueError(
+                f"{folder}: no image files in this folder or below "
+                f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        files += map(str, found)
+    return files
+
+
+# Images decoded and predicted at a time: a folder of any size needs bounded memory.
+PREDICT_CHUNK = 256
+
+
+def _write_predictions(path: Path, document: dict, top_k: int) -> None:
+    """``document`` (as --json prints it) as JSON, or as CSV: a row per image with its
+    ``top_k`` classes and probabilities, most likely first, or its error."""
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        return
+    import csv
+
+    ranks = range(1, top_k + 1)
+    header = ["file", *(f"{kind}_{i}" for i in ranks for kind in ("class", "probability"))]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([*header, "error"])
+        for prediction in document["predictions"]:
+            cells = [prediction["source"]]
+            for i in ranks:
+                top = prediction.get("top", [])
+                ranked = top[i - 1] if i <= len(top) else None
+                cells += [ranked["class"], f"{ranked['probability']:.6f}"] if ranked else ["", ""]
+            writer.writerow([*cells, prediction.get("error", "")])
+
+
 def cmd_predict(args) -> int:
     import cnnkit
 
+    output = Path(args.output) if args.output else None
+    if output is not None:  # refused before the model is loaded or an image decoded
+        if output.suffix.lower() not in (".csv", ".json"):
+            raise ValueError(f"--output must be a .csv or .json file, got '{output}'")
+        _check_writable(output.parent, "choose another --output")
+    files = _image_files(args.files)
+    if Path(args.run).suffix == ".onnx":
+        _require_deploy_extras("predict", "onnx", "onnxruntime")
     run = cnnkit.load(args.run, weights=args.weights, device=args.device)  # run or .onnx
-    results = run.predict(args.files, top_k=args.top_k)
-    failed = [r for r in results if r.error]
-    if args.json:
-        print(
-            json.dumps(
-                {"run": str(run.path), "predictions": [r.to_dict() for r in results]}, indent=2
-            )
-        )
-    else:
-        for r in results:
+    results = []
+    for start in range(0, len(files), PREDICT_CHUNK):
+        chunk = run.predict(files[start : start + PREDICT_CHUNK], top_k=args.top_k)
+        results += chunk
+        if args.json:
+            continue
+        for r in chunk:  # as they come: a large folder shows progress
             if r.error:
                 print(f"error: {r.error}", file=sys.stderr)
-            else:
+            elif output is None:
                 top = ", ".join(f"{c} {p:.1%}" for c, p in r.top)
                 print(f"{r.source}: {r.label}  ({top})")
+    failed = [r for r in results if r.error]
+    document = {"run": str(run.path), "predictions": [r.to_dict() for r in results]}
+    if args.json:
+        print(json.dumps(document, indent=2))
+    if output is not None:
+        _write_predictions(output, document, min(args.top_k, len(run.classes)))
+        errors = f" ({len(failed):,} could not be read)" if failed else ""
+        summary = f"wrote {len(results):,} predictions{errors} to {output}"
+        print(summary, file=sys.stderr if args.json else sys.stdout)  # stdout holds the JSON
     return 1 if failed else 0
 
 
@@ -315,6 +476,8 @@ def cmd_datasets(args) -> int:
 
 
 def _check(args, con) -> int:
+    from rich.markup import escape
+
     from cnnkit.data.doctor import check_dataset
 
     report = check_dataset(args.name, near_bits=args.near_bits)
@@ -328,7 +491,10 @@ def _check(args, con) -> int:
     con.print(t)
     style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
     for f in report.findings:
-        con.print(f"[{style[f.level]}]{f.level}[/] {f.check}: {f.message}", soft_wrap=True)
+        con.print(
+            f"[{style[f.level]}]{f.level}[/] {escape(f.check)}: {escape(f.message)}",
+            soft_wrap=True,
+        )
         for line in f.files[:5]:
             con.print(f"    {line}", markup=False, soft_wrap=True)
         if len(f.files) > 5:
@@ -371,6 +537,58 @@ def cmd_bench(args) -> int:
             f"{speedup[name]:.2f}x" if name in speedup else "",
         )
     _console().print(t)
+    return 0
+
+
+def _size_text(size_bytes: int) -> str:
+    for unit in ("B", "kB", "MB"):
+        if size_bytes < 1000:
+            return f"{size_bytes:,.0f} {unit}" if unit == "B" else f"{size_bytes:,.1f} {unit}"
+        size_bytes /= 1000
+    return f"{size_bytes:,.1f} GB"
+
+
+def cmd_cache(args) -> int:
+    from cnnkit.data.cache import cache_folders, cache_root, check_names, clear_cache
+
+    if args.action == "list" and args.names:
+        raise ValueError("usage: cnnkit cache [list] | cnnkit cache clear [NAME ...] [--yes]")
+    check_names(args.names)  # before anything is measured, asked or deleted
+    folders = cache_folders()
+    if args.action == "list":
+        if args.json:
+            listing = {"root": str(cache_root()), "folders": [f.to_dict() for f in folders]}
+            print(json.dumps(listing, indent=2))
+            return 0
+        t = _table(
+            f"cnnkit's cache, {cache_root()}",
+            "name",
+            "holds",
+            "folder",
+            "size",
+            "entries",
+            text_columns=3,
+        )
+        for f in folders:
+            t.add_row(f.name, f.what, str(f.path), _size_text(f.size_bytes), f"{f.entries:,}")
+        con = _console()
+        con.print(t)
+        con.print("Clear with: cnnkit cache clear [decoded|datasets] (default: both)", markup=False)
+        return 0
+    targets = [f for f in folders if (not args.names or f.name in args.names) and f.path.is_dir()]
+    if not targets:
+        print("nothing to clear")
+        return 0
+    summary = ", ".join(f"{f.path} ({_size_text(f.size_bytes)})" for f in targets)
+    if not args.yes:
+        if not sys.stdin.isatty():  # no one to ask: deleting needs an explicit --yes
+            raise ValueError(f"this deletes {summary}; add --yes to clear without asking")
+        if input(f"delete {summary}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 0
+    removed = clear_cache([f.name for f in targets])
+    freed = sum(f.size_bytes for f in removed)
+    print(f"deleted {', '.join(str(f.path) for f in removed)}: {_size_text(freed)} freed")
     return 0
 
 

@@ -9,6 +9,7 @@ flags or ``--set section.key=value``. The resolved config is saved as the run's
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,19 +58,21 @@ class DataConfig:
         0.1, "share held out for testing when a folder has no test/ (default 0.1)", check=_SHARE
     )
     limit: int | None = setting(
-        None, "train on a stratified subset of at most N images", check=_POSITIVE
+        None, "train on a stratified subset of exactly N images (all if fewer)", check=_POSITIVE
     )
     # The presets of data/augment.py, plus auto (tests/test_config.py keeps the two in step;
     # importing cnnkit.data here would import torch into every layer above).
     augment: str = setting(
         "auto",
-        "augmentation: auto (none for built-ins, photo for folders), none, affine, "
+        "augmentation: auto (none for built-ins, photo for folders, affine for grayscale "
+        "folders), none, affine, "
         "shift, crop-flip, flip, photo",
         choices=("auto", "none", "affine", "shift", "crop-flip", "flip", "photo"),
     )
     image_size: int | None = setting(
         None,
-        "model input size for folder data sets (default: the backbone's, or 128)",
+        "model input size for folder data sets (default: the backbone's; from scratch, "
+        "inferred from the images: their median shorter side, 16 to 128)",
         check=(lambda v: v >= 8, "must be at least 8 pixels"),
     )
 
@@ -279,6 +282,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         raise ValueError(f"setting '{key}' cannot be empty")
     if int in args and str in args and isinstance(value, str) and value.lower() == "auto":
         return "auto"  # a number or 'auto' (train.batch_size)
+    kind = base.__name__ + (" or 'auto'" if str in args and base is int else "")
+    if isinstance(value, list | dict):
+        # A recipe's YAML can hold a list or mapping where one value belongs; str() or
+        # bool() would quietly accept it and float() fails with a TypeError.
+        raise ValueError(f"setting '{key}' must be {kind}, got {value!r}")
     try:
         if base is bool:
             if isinstance(value, str):
@@ -295,8 +303,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if base is float:
             return float(value)
         return str(value)
-    except ValueError:
-        kind = base.__name__ + (" or 'auto'" if str in args and base is int else "")
+    except (ValueError, TypeError):
         raise ValueError(f"setting '{key}' must be {kind}, got {value!r}") from None
 
 
@@ -359,6 +366,10 @@ def validate(config: Config) -> None:
         value = getattr(getattr(config, section), name)
         if value is None and setting_field.default is None:
             continue  # unset: the code that reads it picks the default
+        if isinstance(value, float) and not math.isfinite(value):
+            # nan fails every comparison, but inf passes "must be positive": neither is
+            # a usable learning rate, momentum or share, so no float setting takes them.
+            raise ValueError(f"{key} = {value!r} must be a finite number")
         choices, check = setting_field.metadata["choices"], setting_field.metadata["check"]
         if choices is not None and value not in choices:
             raise ValueError(f"{key} = {value!r}; choose one of: {', '.join(choices)}")

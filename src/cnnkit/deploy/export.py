@@ -102,10 +102,20 @@ def write_metadata(path: Path, entries: dict) -> None:
     onnx.save(model, str(path))
 
 
+class NotAnOnnxFileError(ValueError):
+    """A file that ONNX or ONNX Runtime cannot load: truncated, corrupt, or not ONNX at all."""
+
+
 def read_metadata(path: str | Path) -> dict:
     import onnx
+    from google.protobuf.message import DecodeError  # protobuf comes with onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as e:
+        raise NotAnOnnxFileError(
+            f"{path}: not a valid ONNX file ({e}); export it again with 'cnnkit export'"
+        ) from None
     return {
         p.key.removeprefix(METADATA_PREFIX): json.loads(p.value)
         for p in model.metadata_props
@@ -226,6 +236,7 @@ def export_onnx(
             "data": run.config.data.name,
             "checkpoint_epoch": run.checkpoint_info.get("epoch"),
             "checkpoint_created": run.checkpoint_info.get("created"),
+            "checkpoint": run.checkpoint_ref,  # file, epoch, date, weights' checksum
         },
     }
     write_metadata(path, metadata)
@@ -245,7 +256,9 @@ def export_onnx(
         result.int8 = _int8_report(
             path, Path(result.int8_path), wrapper, _to_layout(val_images, layout), val_labels
         )
-    (path.with_suffix(".json")).write_text(json.dumps(result.to_dict(), indent=2))
+    # The checkpoint it came from: a resumed run then knows this export is stale.
+    details = {"checkpoint": run.checkpoint_ref, **result.to_dict()}
+    (path.with_suffix(".json")).write_text(json.dumps(details, indent=2))
     if not ok:
         path.rename(path.with_suffix(".rejected.onnx"))
         raise ExportMismatchError(

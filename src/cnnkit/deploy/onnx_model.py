@@ -10,7 +10,16 @@ import torch
 
 from cnnkit.runs.inference import Prediction, predict_images
 
-from .export import read_metadata
+from .export import NotAnOnnxFileError, read_metadata
+
+
+def _ort_load_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's load failures; its error classes are plain Exception subclasses."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoModel")
+    names += ("NotImplemented", "RuntimeException")
+    return tuple(getattr(state, name) for name in names if hasattr(state, name))
 
 
 class OnnxModel:
@@ -19,6 +28,7 @@ class OnnxModel:
     def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True):
         import onnxruntime as ort
 
+        load_errors = _ort_load_errors()
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file not found: {self.path}")
@@ -38,9 +48,15 @@ class OnnxModel:
         if not spinning:  # idle worker threads sleep instead of busy-waiting (for servers)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(self.path), options, providers=["CPUExecutionProvider"]
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        except load_errors as e:  # metadata that reads, but no graph ONNX Runtime runs
+            raise NotAnOnnxFileError(
+                f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]}); "
+                "export it again with 'cnnkit export'"
+            ) from None
         self.input_name = self.session.get_inputs()[0].name
 
     def __repr__(self) -> str:

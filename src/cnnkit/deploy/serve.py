@@ -165,9 +165,14 @@ class Predictor:
                 "model": run.config.model.name,
                 "data": run.config.data.name,
                 **(run.checkpoint_info or {}),
+                "checkpoint": run.checkpoint_ref,
             }
             info["val_accuracy"] = run.val_accuracy
-            report = run.path / "eval-test.json"
+            report = run.path / f"eval-{run.choose_split().split}.json"
+            # metrics of other weights (a resumed run's old evaluation) are not these weights'
+            if report.name in {s.files[0].name for s in run.stale_outputs()}:
+                info["metrics_stale"] = f"{report.name} is from other weights: cnnkit evaluate"
+                report = run.path / "no such file"
         if report.exists():
             d = json.loads(report.read_text())
             info["metrics"] = {

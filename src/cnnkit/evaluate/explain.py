@@ -7,6 +7,7 @@ of that weighted sum, upsampled to the image, is the heatmap.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,6 +104,26 @@ def overlay(image: torch.Tensor, cam: torch.Tensor, alpha: float = 0.45):
     base = img.permute(1, 2, 0).numpy().astype(np.float32)
     heat = _jet(cam.detach().cpu().numpy()).astype(np.float32)
     return Image.fromarray((base * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8))
+
+
+# Saved overlays are enlarged until their shorter side is at least this (a 28x28 MNIST
+# heatmap is a thumbnail too small to read in an image viewer).
+VIEWABLE_SIDE = 224
+
+
+def viewable(image: Image.Image, min_side: int = VIEWABLE_SIDE) -> Image.Image:
+    """``image`` enlarged by the smallest whole factor that makes its shorter side at least
+    ``min_side`` (28x28 -> 224x224); larger images are returned as they are.
+
+    Nearest-neighbour: every pixel the model saw stays a crisp square, nothing is smoothed
+    in that the model did not see.
+    """
+    from PIL import Image
+
+    factor = math.ceil(min_side / max(min(image.size), 1))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def explain_images(

@@ -75,10 +75,26 @@ class ConfusionMatrix:
         }
 
 
-def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
+def ranked_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-scoring class indices of each row, best first.
+
+    Ties go to the lower class index, as with ``argmax``. ``topk`` makes no promise about
+    ties, so with bf16 logits (which tie often) its top-1 and ``argmax`` disagreed; a
+    stable descending sort gives one deterministic ranking that accuracy, top-k and the
+    confusion matrix all read.
+    """
     k = min(k, logits.shape[1])
-    hits = (logits.topk(k, dim=1).indices == target[:, None]).any(1)
-    return float(hits.float().mean())
+    return logits.sort(dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def _topk_hits(ranking: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    hits = (ranking[:, :k] == target[:, None]).any(1)
+    # An exact count / total (not a float32 mean), as ConfusionMatrix.accuracy computes it.
+    return int(hits.sum()) / max(len(target), 1)
+
+
+def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    return _topk_hits(ranked_classes(logits, k), target, k)
 
 
 def calibration(probs: torch.Tensor, target: torch.Tensor, bins: int = 15) -> dict:
@@ -151,7 +167,10 @@ def classification_report(
     logits: torch.Tensor, target: torch.Tensor, classes: list[str], split: str
 ) -> ClassificationReport:
     """Every metric of a split from its logits and labels."""
-    cm = ConfusionMatrix(len(classes), logits.device).update(logits.argmax(1), target)
+    ks = [k for k in (1, 3, 5) if k < len(classes) or k == 1]
+    # One ranking for everything, so accuracy and top-1 agree even when logits tie.
+    ranking = ranked_classes(logits, max(ks))
+    cm = ConfusionMatrix(len(classes), logits.device).update(ranking[:, 0], target)
     pc = cm.per_class()
     support = torch.tensor(pc["support"], dtype=torch.float64)
 
@@ -162,7 +181,6 @@ def classification_report(
             for m in ("precision", "recall", "f1")
         }
 
-    ks = [k for k in (1, 3, 5) if k < len(classes) or k == 1]
     warnings = [
         f"class '{classes[i]}' was never predicted: its precision is reported as 0"
         for i in cm.never_predicted()
@@ -173,7 +191,7 @@ def classification_report(
         num_images=len(target),
         loss=float(F.cross_entropy(logits, target)),
         accuracy=cm.accuracy(),
-        top_k={k: topk_accuracy(logits, target, k) for k in ks},
+        top_k={k: _topk_hits(ranking, target, k) for k in ks},
         per_class=pc,
         macro=averages(torch.ones_like(support)),
         weighted=averages(support),

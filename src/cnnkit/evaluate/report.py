@@ -2,8 +2,9 @@
 disk) and report.json with every number on it.
 
 Every number comes from one pass over one split (test if the run has one, else
-validation), in file order, so a folder data set shows its real file names. The HTML is
-rendered from the same dict that report.json holds.
+validation, with the caveat that validation chose the weights), in file order, so a folder
+data set shows its real file names. The HTML is rendered from the same dict that
+report.json holds.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _image_uri(im, min_side: int = 112) -> str:
 def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict, dict]:
     """(report dict for report.json, images as data URIs for the HTML)."""
     data = run.data()
-    split = split or ("test" if data.test is not None and len(data.test) else "val")
+    choice = run.choose_split(split, data)  # test if the run has one; else val, with a caveat
+    split = choice.split
     part = data.split(split)
     labels = part.labels.to(run.device)
     logits = run.logits(part.images)
@@ -64,7 +66,10 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     images.update(_plots(run, history, metrics.confusion_matrix, calib, title))
     report = {
         "run": _run_facts(run, data.name, history),
+        "checkpoint": run.checkpoint_ref,  # so a newer checkpoint shows this is stale
         "split": split,
+        "split_reason": choice.reason,
+        "caveat": choice.caveat,  # None unless the numbers are optimistic (val or train)
         "history": history,
         "diagnosis": [v.to_dict() for v in diagnose(history, run.preprocessing)],
         "metrics": metrics.to_dict(),
@@ -141,7 +146,7 @@ def _run_facts(run, data_name: str, history: list[dict]) -> dict:
         "model": run.config.model.name,
         "parameters": sum(p.numel() for p in run.model.parameters()),
         "classes": run.classes,
-        "weights": f"best.pt (epoch {run.checkpoint_info['epoch']})",
+        "weights": f"{run.checkpoint_ref['file']} (epoch {run.checkpoint_info['epoch']})",
         "training_seconds": round(sum(r["seconds"] for r in history), 2),
         "epochs": len(history),
         "created": run.checkpoint_info.get("created"),

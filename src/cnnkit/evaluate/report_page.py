@@ -24,6 +24,7 @@ background:#f4f8fc}.verdict.bad{border-color:#e8744c;background:#fdf5f2}
 border-radius:6px;width:236px;font-size:13px}.card img{width:112px;height:112px;
 object-fit:contain;image-rendering:pixelated}.big{font-size:1.6em;font-weight:600}
 details pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:12px}
+.caveat{padding:.6em .9em;border-left:5px solid #e8b44c;background:#fdf9f0}
 """
 
 
@@ -58,6 +59,10 @@ def _header(report: dict) -> str:
             f"<p class='muted'>{_e(r['model'])} on {_e(r['data'])} &middot; every number below "
             f"is from the <b>{_e(report['split'])}</b> split ({m['num_images']:,} images) "
             f"unless it says otherwise</p>",
+            # a report before split_reason / caveat existed has neither
+            f"<p class='caveat'><b>Caveat:</b> {_e(report['caveat'])}</p>"
+            if report.get("caveat")
+            else "",
         ]
     )
 

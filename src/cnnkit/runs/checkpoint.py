@@ -17,6 +17,13 @@ The schema, version 1 (``format: "cnnkit.checkpoint/1"``)::
     interpolation}, config (the resolved Config as a dict), data {name, root, train, val,
     test}, state_dict, epoch (epochs trained, across stages), metrics (the last epoch's row)
     train_state {optimizer, schedule, state} (last.pt only)
+    weights_sha256 (optional: see below)
+
+``weights_sha256`` is a SHA-256 of the state dict (``weights_checksum``), written since
+cnnkit 0.2 and checked on every load, so a file whose tensor bytes were damaged on disk is
+refused instead of predicting NaN. It stays format version 1: it is an added key that older
+readers ignore, and files without it (written before) still load, unchecked. A version bump
+would only make older cnnkit refuse files it reads correctly.
 
 A file whose version is newer than this code reads is refused with a clear error; an
 older version would be converted here when the schema changes.
@@ -25,6 +32,7 @@ older version would be converted here when the schema changes.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import tempfile
@@ -139,15 +147,61 @@ def checkpoint_payload(
     return payload
 
 
+def weights_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: each entry's name, dtype, shape and bytes, in sorted name
+    order (so the order the dict was built in does not matter, and the device either)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not isinstance(tensor, torch.Tensor):  # a plain value some modules keep
+            digest.update(f"{name}={tensor!r};".encode())
+            continue
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(state_dict[name].shape)};".encode())
+        # bytes through a uint8 view: numpy has no bfloat16, uint8 every dtype has
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` with the format, versions and date, atomically."""
+    """Write ``payload`` with the format, versions, date and (when it holds weights) their
+    checksum, atomically."""
     payload = {
         "format": FORMAT,
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **payload,
     }
+    if isinstance(payload.get("state_dict"), dict):
+        payload["weights_sha256"] = weights_checksum(payload["state_dict"])
     atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _fallback(path: Path) -> str:
+    """What to load instead of a damaged checkpoint, said in the error."""
+    if path.name == "best.pt":
+        return (
+            f"Load {path.with_name('last.pt')} instead (--weights last, or "
+            "load_run(run, weights='last')), or retrain."
+        )
+    if path.name == "last.pt":
+        return (
+            f"{path.with_name('best.pt')} may still be intact (--weights best); the run "
+            "cannot be resumed from this file."
+        )
+    return "Use another checkpoint of the run, or retrain."
+
+
+def _verify_weights(path: Path, ckpt: dict) -> None:
+    """Refuse a checkpoint whose weights do not match the checksum saved with them."""
+    expected = ckpt.get("weights_sha256")
+    if expected is None:
+        return  # written before checksums (format 1, cnnkit 0.1): nothing to check against
+    if weights_checksum(ckpt.get("state_dict") or {}) != expected:
+        raise ValueError(
+            f"{path}: the weights do not match the checksum saved with them; the file is "
+            f"corrupted (damaged on disk or in a copy). {_fallback(path)}"
+        )
 
 
 def _format_version(ckpt: Any) -> int | None:
@@ -172,7 +226,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:
         raise ValueError(
             f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e}). "
-            "It may be truncated or not a cnnkit file."
+            f"It may be truncated, corrupted or not a cnnkit file. {_fallback(path)}"
         ) from None
     version = _format_version(ckpt)
     if version is None:
@@ -188,7 +242,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: unknown checkpoint format '{ckpt['format']}'; this cnnkit "
             f"({__version__}) reads " + ", ".join(f"{FORMAT_NAME}/{v}" for v in READABLE_VERSIONS)
         )
+    _verify_weights(path, ckpt)
     return ckpt
+
+
+def checkpoint_identity(path: str | Path) -> dict[str, Any] | None:
+    """Which weights a checkpoint file holds now: {file, epoch, created, weights_sha256};
+    None when there is
+    no readable file. Memory-mapped and unchecked: only the small fields are read, so this
+    is cheap even for a large model (``load_checkpoint`` checks the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if _format_version(ckpt) is None:
+        return None
+    return {
+        "file": path.name,
+        "epoch": ckpt.get("epoch"),
+        "created": ckpt.get("created"),
+        "weights_sha256": ckpt.get("weights_sha256"),  # None in files from before checksums
+    }
 
 
 @dataclass(frozen=True)
@@ -205,11 +282,25 @@ class Checkpoint:
     created: str | None
     versions: dict[str, str]
     train_state: dict | None
+    metrics: dict | None = None  # the metrics.csv row of the epoch these weights are from
+    data: dict | None = None  # split sizes when trained: {name, root, train, val, test}
+    weights_sha256: str | None = None  # None in files written before checksums
 
     @property
     def provenance(self) -> dict[str, Any]:
         """Which weights these are: epoch, creation date, versions."""
         return {"epoch": self.epoch, "created": self.created, "versions": self.versions}
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What an output derived from these weights records, as ``checkpoint_identity``
+        reads it back from the file: {file, epoch, created, weights_sha256}."""
+        return {
+            "file": self.path.name,
+            "epoch": self.epoch,
+            "created": self.created,
+            "weights_sha256": self.weights_sha256,
+        }
 
     def build_model(self) -> nn.Module:
         """The model this checkpoint describes, with its weights, in eval mode."""
@@ -230,6 +321,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         created=ckpt.get("created"),
         versions=ckpt.get("versions") or {},
         train_state=ckpt.get("train_state"),
+        metrics=ckpt.get("metrics"),
+        data=ckpt.get("data"),
+        weights_sha256=ckpt.get("weights_sha256"),
     )
 
 

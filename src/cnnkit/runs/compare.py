@@ -18,11 +18,20 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+RANKED_BY = "val_accuracy"
+RANKING_NOTE = (
+    "ranked by validation accuracy (the split that chose each run's best.pt); the "
+    "{split} split is shown beside it, never used to choose"
+)
+
+
 def compare_runs(
     paths: list[str | Path], split: str = "test", plot: str | Path | None = None
 ) -> dict:
-    """Config differences and key metrics of each run on ``split``; the best is marked
-    (highest accuracy, then macro F1). ``plot``: PNG path for the validation curves."""
+    """Config differences and key metrics of each run on ``split``; the best is marked by
+    validation accuracy, then validation loss: choosing by the test split would make the
+    test accuracy of the chosen run optimistic. ``plot``: PNG path for the validation
+    curves."""
     if len(paths) < 2:
         raise ValueError("compare needs at least two runs")
     runs = [load_run(p) for p in paths]
@@ -40,6 +49,8 @@ def compare_runs(
         rows.append(
             {
                 "run": str(run.path),
+                "val_accuracy": run.val_accuracy,
+                "val_loss": (run.checkpoint_metrics or {}).get("val_loss"),
                 "accuracy": report.accuracy,
                 "macro_f1": report.macro["f1"],
                 "parameters": sum(p.numel() for p in run.model.parameters()),
@@ -51,12 +62,23 @@ def compare_runs(
                 ),
             }
         )
-    best = max(range(len(rows)), key=lambda i: (rows[i]["accuracy"], rows[i]["macro_f1"]))
+    ranked = [r for r in rows if r["val_accuracy"] is not None]
+    best = max(
+        ranked,
+        key=lambda r: (r["val_accuracy"], -(r["val_loss"] if r["val_loss"] is not None else 0)),
+        default=None,
+    )
+    note = RANKING_NOTE.format(split=split)
+    unranked = [Path(r["run"]).name for r in rows if r["val_accuracy"] is None]
+    if unranked:
+        note += f"; not ranked (no validation split): {', '.join(unranked)}"
     result = {
         "split": split,
+        "ranked_by": RANKED_BY,
+        "ranking": note,
         "differences": {k: [c.get(k) for c in configs] for k in keys},
         "runs": rows,
-        "best": rows[best]["run"],
+        "best": best["run"] if best else None,
     }
     if plot:
         result["plot"] = str(_plot(runs, Path(plot)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +19,134 @@ from cnnkit.evaluate.metrics import ClassificationReport, classification_report
 from cnnkit.evaluate.plots import plot_confusion_matrix, plot_curves
 from cnnkit.evaluate.report import write_report
 
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, checkpoint_identity, read_checkpoint
 from .directory import METRICS_FILE, SPLIT_FILE, read_metrics
 from .inference import Prediction, batched_logits, predict_images
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    """Which split an evaluation or report uses, why, and how far to trust its numbers."""
+
+    split: str
+    reason: str  # why this split, said beside the numbers
+    caveat: str | None = None  # when the numbers are optimistic
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "reason": self.reason, "caveat": self.caveat}
+
+
+def selection_caveat(weights_file: str) -> str:
+    """Why numbers on the validation split flatter the model: that split chose the weights."""
+    chose = (
+        "selected best.pt"
+        if weights_file == "best.pt"
+        else "training watched (for early stopping and best.pt)"
+    )
+    return (
+        f"this is the validation split that {chose}: an optimistic estimate; add a test/ "
+        "folder (or use a data set with a test split) for an honest one"
+    )
+
+
+# ------------------------------------------------ outputs derived from a checkpoint
+
+# The files that go with a derived JSON output (report.json's page, model.json's model).
+COMPANIONS = (".html", ".onnx")
+
+
+@dataclass(frozen=True)
+class StaleOutput:
+    """An output made from a checkpoint that has changed since (a resumed run wrote a new
+    best.pt): ``files`` (the JSON first, then what goes with it), the checkpoint it
+    ``recorded`` and what that file holds now (``current``; None when it is gone)."""
+
+    files: list[Path]
+    recorded: dict
+    current: dict | None
+
+    @property
+    def rebuild(self) -> str:
+        """The command that makes the output again from the current checkpoint."""
+        name, run = self.files[0].name, self.files[0].parent
+        weights = "" if self.recorded.get("file") != "last.pt" else " --weights last"
+        if name.startswith("eval-"):
+            split = name.removeprefix("eval-").removesuffix(".json")
+            return f"cnnkit evaluate {run} --split {split}{weights}"
+        if name == "report.json":
+            return f"cnnkit report {run}{weights}"
+        return f"cnnkit export {run}{weights}"
+
+    def describe(self) -> str:
+        names = ", ".join(f.name for f in self.files)
+        was = _describe_checkpoint(self.recorded)
+        now = (
+            f"{self.recorded['file']} is now {_describe_checkpoint(self.current, with_file=False)}"
+            if self.current
+            else f"{self.recorded['file']} is gone"
+        )
+        return f"{names}: made from {was}; {now}"
+
+
+def _describe_checkpoint(identity: dict, with_file: bool = True) -> str:
+    epoch = f"epoch {identity['epoch']}" if identity.get("epoch") is not None else "epoch ?"
+    created = f", {identity['created']}" if identity.get("created") else ""
+    return f"{identity['file']} {epoch}{created}" if with_file else f"{epoch}{created}"
+
+
+def _recorded_checkpoint(name: str, payload: dict) -> dict | None:
+    """The checkpoint a derived JSON output says it was made from; None for other files.
+    Outputs written before they recorded it name only the epoch (of best.pt)."""
+    if not isinstance(payload, dict):
+        return None
+    ref = payload.get("checkpoint")
+    if isinstance(ref, dict) and ref.get("file"):
+        return ref
+    if name.startswith("eval-") and "weights_epoch" in payload:
+        return {"file": "best.pt", "epoch": payload["weights_epoch"]}
+    facts = payload.get("run")
+    if name == "report.json" and isinstance(facts, dict) and "weights" in facts:
+        file, _, rest = str(facts["weights"]).partition(" (epoch ")
+        epoch = rest.rstrip(")")
+        return {
+            "file": file,
+            "epoch": int(epoch) if epoch.isdigit() else None,
+            "created": facts.get("created"),
+        }
+    return None
+
+
+def stale_outputs(run_dir: str | Path) -> list[StaleOutput]:
+    """Outputs of a run directory (eval-<split>.json, report.json with report.html, an
+    export's JSON with its model) made from a checkpoint that has changed since: its epoch,
+    date or weights' checksum differ from what that file holds now, or the file is gone."""
+    run_dir = Path(run_dir)
+    current: dict[str, dict | None] = {}
+    stale = []
+    for path in sorted(run_dir.glob("*.json")):
+        if path.name == SPLIT_FILE:
+            continue
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # not an output of ours, or half-written: nothing to say about it
+        recorded = _recorded_checkpoint(path.name, payload)
+        if recorded is None:
+            continue
+        file = recorded["file"]
+        if file not in current:
+            current[file] = checkpoint_identity(run_dir / file)
+        now = current[file]
+        changed = now is None or any(
+            recorded.get(key) is not None and recorded[key] != now[key]
+            for key in ("epoch", "created", "weights_sha256")
+        )
+        if changed:
+            files = [path] + [
+                path.with_suffix(s) for s in COMPANIONS if path.with_suffix(s).exists()
+            ]
+            stale.append(StaleOutput(files, recorded, now))
+    return stale
 
 
 class Run:
@@ -29,6 +155,12 @@ class Run:
     def __init__(self, path: Path, checkpoint: Checkpoint, device: str | torch.device = "auto"):
         self.path = path
         self.checkpoint_info = checkpoint.provenance
+        self.checkpoint_path = checkpoint.path
+        # What outputs derived from these weights record: {file, epoch, created, sha256}.
+        self.checkpoint_ref: dict = checkpoint.identity
+        # The metrics.csv row of the epoch these weights are from (None in hand-made files).
+        self.checkpoint_metrics: dict | None = checkpoint.metrics
+        self._trained_sizes: dict | None = checkpoint.data
         self.config = Config.from_dict(checkpoint.config)
         self.classes: list[str] = checkpoint.classes
         self.preprocessing: dict = checkpoint.preprocessing
@@ -57,6 +189,25 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run('{self.path}', model={self.config.model.name}, data={self.config.data.name})"
+
+    def stale_outputs(self) -> list[StaleOutput]:
+        """This run's outputs made from a checkpoint that has changed since (see
+        ``stale_outputs``): a resumed run's old report, evaluations and export."""
+        return stale_outputs(self.path)
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """Validation accuracy of the loaded weights, as measured when they were saved (for
+        best.pt: the epoch that validation chose); None without a validation split."""
+        row = self.checkpoint_metrics or {}
+        if row.get("val_acc") is not None:
+            return float(row["val_acc"])
+        if row.get("epoch") is None:  # no row saved: the history's row of the same epoch
+            epoch = self.checkpoint_info.get("epoch")
+            for r in self.history:
+                if r["epoch"] == epoch and r["val_acc"] is not None:
+                    return r["val_acc"]
+        return None
 
     @property
     def history(self) -> list[dict]:
@@ -90,32 +241,72 @@ class Run:
         probs = sum(self.logits(v).softmax(1) for v in views) / len(views)
         return probs.clamp_min(1e-12).log()
 
+    def _has_test_split(self, data: DataSplits | None = None) -> bool:
+        if data is None and self._trained_sizes and "test" in self._trained_sizes:
+            return bool(self._trained_sizes["test"])  # known without loading the data
+        data = data or self.data()
+        return data.test is not None and len(data.test) > 0
+
+    def choose_split(self, split: str | None = None, data: DataSplits | None = None) -> SplitChoice:
+        """The split to evaluate on: ``split``, or by default the test split if the run has
+        one, else the validation split, with the caveat that it chose the weights."""
+        if split not in (None, "test", "val", "train"):
+            raise ValueError(f"split must be test, val or train, got '{split}'")
+        weights_file = self.checkpoint_path.name
+        has_test = self._has_test_split(data)
+        if split == "test" and not has_test:
+            raise ValueError(
+                f"{self.path} has no test split (its data, {self.config.data.name}, has no "
+                "test/ folder). Evaluate on the validation split with --split val (it "
+                "selected best.pt, so that estimate is optimistic), or add a test/ folder "
+                "and train again."
+            )
+        if split == "train":
+            return SplitChoice(
+                "train",
+                "asked for (--split train)",
+                "the weights were fitted on the training split: these numbers say nothing "
+                "about new images",
+            )
+        if split == "test" or (split is None and has_test):
+            return SplitChoice("test", "the held-out test split, never used in training")
+        reason = "asked for (--split val)" if split == "val" else "the run has no test split"
+        return SplitChoice("val", reason, selection_caveat(weights_file))
+
     def evaluate(
-        self, split: str = "test", save: bool = True, tta: bool = False
+        self, split: str | None = None, save: bool = True, tta: bool = False
     ) -> ClassificationReport:
-        """Accuracy, top-k, per-class P/R/F1 and the confusion matrix on a split.
+        """Accuracy, top-k, per-class P/R/F1 and the confusion matrix on a split: ``split``,
+        or the test split if the run has one, else validation (see ``choose_split``).
 
         The validation split is rebuilt exactly as training made it (same seed, same
         fraction); ``save`` writes eval-<split>.json, confusion_matrix.png and curves.png.
         """
-        if split not in ("test", "val", "train"):
-            raise ValueError(f"split must be test, val or train, got '{split}'")
+        choice = self.choose_split(split)
         data = self.data()
-        part = data.split(split)
+        part = data.split(choice.split)
         logits = self.tta_logits(part.images) if tta else self.logits(part.images)
-        report = classification_report(logits, part.labels.to(self.device), self.classes, split)
+        report = classification_report(
+            logits, part.labels.to(self.device), self.classes, choice.split
+        )
         if save:
-            self.save_evaluation(report, data.name)
+            self.save_evaluation(report, data.name, choice)
         return report
 
-    def save_evaluation(self, report: ClassificationReport, data_name: str) -> dict[str, Path]:
+    def save_evaluation(
+        self, report: ClassificationReport, data_name: str, choice: SplitChoice | None = None
+    ) -> dict[str, Path]:
         """eval-<split>.json, confusion_matrix.png and (with a history) curves.png."""
+        choice = choice or self.choose_split(report.split)
         files = {"json": self.path / f"eval-{report.split}.json"}
         payload = {
             "run": str(self.path),
             "data": data_name,
             "model": self.config.model.name,
             "weights_epoch": self.checkpoint_info["epoch"],
+            "checkpoint": self.checkpoint_ref,  # so a newer checkpoint shows this is stale
+            "split_reason": choice.reason,
+            "caveat": choice.caveat,
             **report.to_dict(),
         }
         files["json"].write_text(json.dumps(payload, indent=2))

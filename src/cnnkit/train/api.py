@@ -11,6 +11,7 @@ layer-wise decaying learning rate. best.pt is the best validation epoch of eithe
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnkit.config import Config, apply_overrides, dump_config, resolve_key
+from cnnkit.config import Config, apply_overrides, dump_config, load_config, resolve_key
 from cnnkit.data import DataSplits
 from cnnkit.data.doctor import quick_check
 from cnnkit.data.resolve import load_data, weights_preprocessing
@@ -126,10 +127,16 @@ def _header(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> None:
         if data.files is None
         else "splits saved in split.json"
     )
+    has_test = data.test is not None and len(data.test) > 0
     say(
         f"data   {data.name}: {data.sizes()} images of {c}x{h}x{w}, {len(data.classes)} classes "
-        f"({split}; test held out)"
+        f"({split}; {'test held out' if has_test else 'no test split'})"
     )
+    if not has_test:  # say it now, not when evaluate finds out
+        say(
+            "       no test split: evaluate and report will use the validation split, which "
+            "selects best.pt (an optimistic estimate); add a test/ folder for an honest one"
+        )
     for note in data.notes:
         say(f"       {note}")
     source = getattr(model, "weight_source", "none")
@@ -204,9 +211,15 @@ def _train_stages(
 
 
 def _run_training(
-    cfg: Config, run_dir: Path, quiet: bool, hooks: list[Hook], resume: Checkpoint | None = None
+    cfg: Config,
+    run_dir: Path,
+    quiet: bool,
+    hooks: list[Hook],
+    resume: Checkpoint | None = None,
+    notes: tuple[str, ...] = (),
 ) -> Run:
-    """Set the run up, print its header, train its stages, summarise; the trained Run."""
+    """Set the run up, print its header, train its stages, summarise; the trained Run.
+    ``notes`` are said first (console and train.log)."""
     text_log = TextLog(run_dir / LOG_FILE)
     all_hooks = [ConsoleProgress(quiet=quiet), MetricsCSV(run_dir / METRICS_FILE), text_log]
     all_hooks += hooks
@@ -216,6 +229,8 @@ def _run_training(
             h.message(text)
 
     try:
+        for note in notes:
+            say(note)
         plan = _plan_run(cfg, run_dir, resume)
         new_folder_run = plan.data.files is not None and not (run_dir / SPLIT_FILE).exists()
         if new_folder_run:
@@ -276,8 +291,25 @@ def train(
     """
     cfg = apply_overrides(config or Config(), settings)
     run_dir = make_run_dir(cfg, overwrite)
-    dump_config(cfg, run_dir / CONFIG_FILE)
-    return _run_training(cfg, run_dir, quiet, list(hooks))
+    try:
+        dump_config(cfg, run_dir / CONFIG_FILE)
+        return _run_training(cfg, run_dir, quiet, list(hooks))
+    except BaseException:  # Ctrl-C during set-up too
+        _remove_unstarted_run(run_dir)
+        raise
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists()
+
+
+def _remove_unstarted_run(run_dir: Path) -> None:
+    """Remove a run directory that failed before its first checkpoint: it holds only
+    config.yaml and a log, which nothing can resume, and a retry would otherwise find it
+    (an explicit --name "already exists") or step around it (an automatic name gets -2).
+    A run with a checkpoint is kept: it resumes."""
+    if run_dir.is_dir() and not _has_checkpoint(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # Settings that may change when a run is resumed: they do not alter what was trained so far.
@@ -290,20 +322,48 @@ RESUMABLE_SETTINGS = (
 )
 
 
-def resume(path: str | Path, *, quiet: bool = False, hooks: list[Hook] = (), **settings):
-    """Continue a run from its last.pt; ``epochs`` may be raised to train longer."""
-    run_dir = Path(path)
-    ckpt = read_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
-    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-    if ckpt.train_state is None:
-        raise ValueError(f"{run_dir}/last.pt holds no training state; it cannot be resumed")
-    cfg = Config.from_dict(ckpt.config)
+def _check_resumable_settings(settings: dict) -> None:
     for key in settings:
         if resolve_key(key) not in RESUMABLE_SETTINGS:
             raise ValueError(
                 f"cannot change '{key}' when resuming; only {', '.join(RESUMABLE_SETTINGS)} "
                 "may change. Start a new run for other settings."
             )
+
+
+def _restart(run_dir: Path, quiet: bool, hooks: list[Hook], settings: dict) -> Run:
+    """Train a run that stopped before its first checkpoint from the start, with its
+    config.yaml (and its split.json, when it has one: the same files in each split)."""
+    config_file = run_dir / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} holds neither last.pt nor config.yaml: it is not a cnnkit run. "
+            "Start a new run with 'cnnkit train'."
+        )
+    _check_resumable_settings(settings)
+    cfg = apply_overrides(apply_overrides(Config(), load_config(config_file)), settings)
+    # Rows without a checkpoint are of an epoch that is trained again: not kept twice.
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    dump_config(cfg, config_file)
+    note = (
+        f"restart {run_dir} holds config.yaml but no checkpoint (it stopped before its "
+        "first epoch ended): training it from the start with its config.yaml"
+    )
+    return _run_training(cfg, run_dir, quiet, list(hooks), notes=(note,))
+
+
+def resume(path: str | Path, *, quiet: bool = False, hooks: list[Hook] = (), **settings):
+    """Continue a run from its last.pt; ``epochs`` may be raised to train longer. A run
+    that stopped before its first checkpoint is trained again from the start."""
+    run_dir = Path(path)
+    if run_dir.is_dir() and not _has_checkpoint(run_dir):
+        return _restart(run_dir, quiet, list(hooks), settings)
+    ckpt = read_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    if ckpt.train_state is None:
+        raise ValueError(f"{run_dir}/last.pt holds no training state; it cannot be resumed")
+    cfg = Config.from_dict(ckpt.config)
+    _check_resumable_settings(settings)
     cfg = apply_overrides(cfg, settings)
     state = ckpt.train_state["state"]
     last_stage = (
