@@ -310,3 +310,23 @@ def test_predict_refuses_a_top_k_below_one(top_k, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --top-k" in err and "Traceback" not in err
+
+
+def test_evaluate_on_a_read_only_run_fails_before_computing(tiny_run, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def read_only_run(*args, dir=None, **kwargs):  # as on a read-only mount (root ignores modes)
+        if dir is not None and Path(dir) == tiny_run.path:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_run)
+    before = sorted(p.name for p in tiny_run.path.iterdir())
+    assert main(["evaluate", str(tiny_run.path)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"cannot write to {tiny_run.path} (Read-only file system)" in line
+    assert "copy the run somewhere writable" in line
+    assert sorted(p.name for p in tiny_run.path.iterdir()) == before  # nothing computed

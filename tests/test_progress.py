@@ -29,3 +29,20 @@ def test_the_line_is_printed_even_when_the_step_fails(capsys):
         pass
     err = capsys.readouterr().err
     assert "report: 4 images in" in err and err.endswith(", stopped\n")
+
+
+def test_a_step_without_a_count_reports_its_time(capsys):
+    with progress("int8 quantization", None):
+        pass
+    assert re.fullmatch(r"int8 quantization: \d+\.\ds\n", capsys.readouterr().err)
+
+
+def test_evaluate_shows_its_long_step_on_stderr_and_keeps_json_clean(tiny_run, capsys):
+    import json
+
+    from cnnkit.cli import main
+
+    assert main(["evaluate", str(tiny_run.path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["split"] == "test"
+    assert re.search(r"^evaluating: 10,000 images in \d+\.\ds", err, re.MULTILINE)

@@ -124,9 +124,16 @@ def _check_writable(folder: Path, hint: str) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from rich.markup import escape
+
     import cnnkit
 
     run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
+    _check_writable(
+        run.path,
+        "evaluate saves eval-<split>.json, confusion_matrix.png and curves.png in the run; "
+        "copy the run somewhere writable",
+    )
     choice = run.choose_split(args.split)  # None: test if the run has one, else val
     stale = [s for s in run.stale_outputs() if s.files[0].name == f"eval-{choice.split}.json"]
     for output in stale:  # stderr: --json keeps stdout for the JSON
@@ -140,12 +147,13 @@ def cmd_evaluate(args) -> int:
     con = _console()
     epoch = run.checkpoint_info["epoch"]
     con.print(
-        f"[bold]{run.path}[/]: {run.config.model.name} on {run.config.data.name}, "
+        f"[bold]{escape(str(run.path))}[/]: {escape(run.config.model.name)} on "
+        f"{escape(run.config.data.name)}, "
         f"{args.weights}.pt (epoch {epoch}), {report.split} split ({choice.reason}), "
         f"{report.num_images:,} images"
     )
     if choice.caveat:
-        con.print(f"[yellow]caveat[/] {choice.caveat}")
+        con.print(f"[yellow]caveat[/] {escape(choice.caveat)}")
     topk = "  ".join(f"top-{k} {v:.2%}" for k, v in report.top_k.items() if k > 1)
     con.print(f"accuracy [bold]{report.accuracy:.2%}[/]  {topk}  loss {report.loss:.4f}")
     t = _table(None, "class", "precision", "recall", "f1", "support")
@@ -175,7 +183,7 @@ def cmd_evaluate(args) -> int:
             "(the tables show the TTA numbers)"
         )
     for warning in report.warnings:
-        con.print(f"[yellow]warning[/] {warning}")
+        con.print(f"[yellow]warning[/] {escape(warning)}")
     if len(report.classes) <= 20:
         cm = _table(
             "confusion matrix (rows: true class, columns: predicted)",

@@ -31,7 +31,8 @@ def progress(
 
     On a terminal a transient bar (count, rate, time left) while the block runs; then, on
     any output, one line: '<description>: <count> <unit> in <s>s (<rate> <unit>/s)'
-    (``summary=False``: the caller reports the step itself). ``quiet``: nothing at all.
+    (``summary=False``: the caller reports the step itself); with no ``total`` and nothing
+    counted, just the time. ``quiet``: nothing at all.
     """
     done = 0
     start = time.perf_counter()
@@ -77,5 +78,6 @@ def progress(
             seconds = time.perf_counter() - start
             rate = f" ({done / seconds:,.0f} {unit}/s)" if seconds > 0 and done else ""
             end = ", stopped" if failed else ""
-            line = f"{description}: {done:,} {unit} in {seconds:.1f}s{rate}{end}"
+            counted = f"{done:,} {unit} in " if total is not None or done else ""
+            line = f"{description}: {counted}{seconds:.1f}s{rate}{end}"
             console.print(line, markup=False)

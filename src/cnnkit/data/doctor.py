@@ -125,7 +125,7 @@ def _examine(path: Path, split: str, label: int) -> FileFacts:
 
 
 def examine_files(items: list[tuple[Path, str, int]], workers: int | None = None):
-    return list(map_in_workers(_examine, items, workers, chunk=32))
+    return list(map_in_workers(_examine, items, workers, chunk=32, label="examining"))
 
 
 def _clusters(pairs: list[tuple[int, int]], n: int) -> list[list[int]]:

@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnkit.progress import progress
+
 from .builtin import data_roots, user_cache_dir
 from .decode import GRAYSCALE_MODES, ImageReadError, image_header, open_image, resize_and_crop
 from .memory import DataSplits, ImageTensors, channel_stats, stratified_split, stratified_subset
@@ -405,9 +407,17 @@ class _Map(torch.utils.data.Dataset):
         return self.fn(*self.items[i])
 
 
-def map_in_workers(fn, items: list[tuple], workers: int | None = None, chunk: int = 16):
+def map_in_workers(
+    fn,
+    items: list[tuple],
+    workers: int | None = None,
+    chunk: int = 16,
+    label: str | None = None,
+    summary: bool = True,
+):
     """``fn(*item)`` for every item, in order, computed in forked worker processes
-    (a DataLoader does the scheduling); ``workers=0`` runs in this process."""
+    (a DataLoader does the scheduling); ``workers=0`` runs in this process. ``label``: show
+    progress under that name (``summary``: and a closing line with the time)."""
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     loader = torch.utils.data.DataLoader(
         _Map(fn, items),
@@ -416,8 +426,10 @@ def map_in_workers(fn, items: list[tuple], workers: int | None = None, chunk: in
         collate_fn=lambda b: b,
         multiprocessing_context="fork" if workers else None,
     )
-    for batch in loader:
-        yield from batch
+    with progress(label or "", len(items), "files", quiet=label is None, summary=summary) as step:
+        for batch in loader:
+            step(len(batch))
+            yield from batch
 
 
 def content_key(paths: list[Path], channels: int, size: int) -> str:
@@ -474,7 +486,9 @@ def decode_images(
         ok = np.zeros(n, dtype=bool)
         errors: list[str] = []
         jobs = [(p, channels, size) for p in paths]
-        for i, (a, err) in enumerate(map_in_workers(_decode_or_error, jobs, workers)):
+        # the run header reports the decoding time: the bar only, no closing line
+        decoded = map_in_workers(_decode_or_error, jobs, workers, label="decoding", summary=False)
+        for i, (a, err) in enumerate(decoded):
             if a is None:
                 errors.append(err)
             else:

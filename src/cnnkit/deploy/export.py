@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cnnkit.data.augment import center_crop
+from cnnkit.progress import progress
 from cnnkit.version import __version__
 
 MAX_PROBABILITY_DIFFERENCE = 1e-4  # fp32 ONNX Runtime vs PyTorch: rounding only
@@ -242,7 +243,8 @@ def export_onnx(
     write_metadata(path, metadata)
 
     val_images, val_labels = _model_inputs(run, "val", check_images)
-    check = parity(_session(path), wrapper, val_images, layout)
+    with progress("checking ONNX Runtime against PyTorch", None, "files"):
+        check = parity(_session(path), wrapper, val_images, layout)
     result = ExportResult(str(path), layout, check)
     ok = (
         check["max_probability_difference"] <= MAX_PROBABILITY_DIFFERENCE
@@ -251,11 +253,13 @@ def export_onnx(
     if quantize == "int8" and ok:
         result.int8_path = str(path.with_name(path.stem + "-int8.onnx"))
         calib, _ = _model_inputs(run, "train", calibration_images)
-        quantize_int8(path, Path(result.int8_path), _to_layout(calib, layout))
+        with progress("int8 quantization (calibrating on training images)", None, "files"):
+            quantize_int8(path, Path(result.int8_path), _to_layout(calib, layout))
         write_metadata(Path(result.int8_path), {**metadata, "quantization": "int8 static"})
-        result.int8 = _int8_report(
-            path, Path(result.int8_path), wrapper, _to_layout(val_images, layout), val_labels
-        )
+        with progress("int8 accuracy and speed", None, "files"):
+            result.int8 = _int8_report(
+                path, Path(result.int8_path), wrapper, _to_layout(val_images, layout), val_labels
+            )
     # The checkpoint it came from: a resumed run then knows this export is stale.
     details = {"checkpoint": run.checkpoint_ref, **result.to_dict()}
     (path.with_suffix(".json")).write_text(json.dumps(details, indent=2))

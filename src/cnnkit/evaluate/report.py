@@ -19,6 +19,7 @@ import torch
 
 from cnnkit.data.augment import center_crop
 from cnnkit.data.memory import Normalizer
+from cnnkit.progress import progress
 
 from .diagnosis import diagnose
 from .explain import explain_images, last_conv_layer
@@ -50,7 +51,7 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     split = choice.split
     part = data.split(split)
     labels = part.labels.to(run.device)
-    logits = run.logits(part.images)
+    logits = run.logits(part.images, "report: predictions")
     probs = logits.softmax(1)
     metrics = classification_report(logits, labels, run.classes, split)
     calib = calibration(probs.cpu(), labels.cpu())
@@ -98,23 +99,25 @@ def _galleries(run, stored, labels, probs, names, gallery: int, layer: str) -> t
     )
     images: dict = {"mistakes": [], "correct": []}
     entries: dict = {"mistakes": [], "correct": []}
-    for kind, index in (("mistakes", wrong), ("correct", right)):
-        if not len(index):
-            continue
-        raw = stored[index.cpu()].to(run.device)
-        overlays, _ = explain_images(run.model, normalizer, raw, predicted[index], layer)
-        shown = raw if tuple(raw.shape[-2:]) == size else center_crop(raw, size)
-        for j, i in enumerate(index.tolist()):
-            entries[kind].append(
-                {
-                    "file": names[i],
-                    "true": run.classes[int(labels[i])],
-                    "predicted": run.classes[int(predicted[i])],
-                    "probability": float(confidence[i]),
-                    "true_probability": float(probs[i, labels[i]]),
-                }
-            )
-            images[kind].append((_image_uri(_to_pil(shown[j])), _image_uri(overlays[j])))
+    with progress("report: Grad-CAM", len(wrong) + len(right)) as advance:
+        for kind, index in (("mistakes", wrong), ("correct", right)):
+            if not len(index):
+                continue
+            raw = stored[index.cpu()].to(run.device)
+            overlays, _ = explain_images(run.model, normalizer, raw, predicted[index], layer)
+            advance(len(index))
+            shown = raw if tuple(raw.shape[-2:]) == size else center_crop(raw, size)
+            for j, i in enumerate(index.tolist()):
+                entries[kind].append(
+                    {
+                        "file": names[i],
+                        "true": run.classes[int(labels[i])],
+                        "predicted": run.classes[int(predicted[i])],
+                        "probability": float(confidence[i]),
+                        "true_probability": float(probs[i, labels[i]]),
+                    }
+                )
+                images[kind].append((_image_uri(_to_pil(shown[j])), _image_uri(overlays[j])))
     return entries, images
 
 

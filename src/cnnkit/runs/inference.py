@@ -22,10 +22,12 @@ def batched_forward(
     images: torch.Tensor,
     normalizer: Normalizer,
     ctx: ExecutionContext,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Float32 outputs of ``forward`` over uint8 images (N, C, H, W), ``ctx.eval_batch`` at a
     time: each batch moved to the device, normalised, laid out channels_last where the
-    context says so, run under its autocast. On the device, in the images' order."""
+    context says so, run under its autocast. On the device, in the images' order.
+    ``on_batch(n)``: told after each batch (progress)."""
     outputs = []
     for batch in images.split(ctx.eval_batch):
         x = normalizer(batch.to(ctx.device, non_blocking=True))
@@ -33,17 +35,23 @@ def batched_forward(
             x = x.contiguous(memory_format=torch.channels_last)
         with ctx.autocast():
             outputs.append(forward(x).float())
+        if on_batch is not None:
+            on_batch(len(batch))
     return torch.cat(outputs) if outputs else torch.empty(0, device=ctx.device)
 
 
 def batched_logits(
-    model: torch.nn.Module, images: torch.Tensor, normalizer: Normalizer, ctx: ExecutionContext
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    normalizer: Normalizer,
+    ctx: ExecutionContext,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Float32 logits of ``model`` in eval mode (its train/eval mode is restored after)."""
     was_training = model.training
     model.eval()
     try:
-        return batched_forward(model, images, normalizer, ctx)
+        return batched_forward(model, images, normalizer, ctx, on_batch)
     finally:
         model.train(was_training)
 

@@ -18,6 +18,7 @@ from cnnkit.evaluate.explain import explain_images
 from cnnkit.evaluate.metrics import ClassificationReport, classification_report
 from cnnkit.evaluate.plots import plot_confusion_matrix, plot_curves
 from cnnkit.evaluate.report import write_report
+from cnnkit.progress import progress
 
 from .checkpoint import Checkpoint, checkpoint_identity, read_checkpoint
 from .directory import METRICS_FILE, SPLIT_FILE, read_metrics
@@ -218,9 +219,13 @@ class Run:
         """The data this run was trained on, with the same splits and preprocessing."""
         return load_trained_data(self.config, self.preprocessing, self.path / SPLIT_FILE)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of uint8 images (N, C, H, W) at the model's input size."""
-        return batched_logits(self.model, images, self.normalizer, self.context)
+    def logits(self, images: torch.Tensor, progress_label: str | None = None) -> torch.Tensor:
+        """Float32 logits of uint8 images (N, C, H, W) at the model's input size;
+        ``progress_label``: show progress under that name (a long evaluation)."""
+        if progress_label is None:
+            return batched_logits(self.model, images, self.normalizer, self.context)
+        with progress(progress_label, len(images)) as advance:
+            return batched_logits(self.model, images, self.normalizer, self.context, advance)
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Log of the mean probability over test-time views: the image, four shifts by
@@ -285,7 +290,7 @@ class Run:
         choice = self.choose_split(split)
         data = self.data()
         part = data.split(choice.split)
-        logits = self.tta_logits(part.images) if tta else self.logits(part.images)
+        logits = self.tta_logits(part.images) if tta else self.logits(part.images, "evaluating")
         report = classification_report(
             logits, part.labels.to(self.device), self.classes, choice.split
         )
