@@ -355,3 +355,30 @@ def test_the_header_sample_spans_every_class(tmp_path, monkeypatch):
         Image.new("L" if i < 7 else "RGB", (20, 20)).save(paths[-1])
     assert folder.choose_input(paths).channels == 3
     assert folder.choose_input(paths[:7]).channels == 1
+
+
+def test_a_latin1_class_name_trains_evaluates_reports_and_predicts(tmp_path, capsys):
+    """Undecodable folder names once broke the training log, the report's plots and every
+    prediction; the escaped name now goes through the whole workflow."""
+    import cnnkit
+
+    root = make_photos(tmp_path / "photos", per_class=9)
+    os.rename(os.fsencode(root / "red"), os.path.join(os.fsencode(root), b"caf\xe9"))
+    run = cnnkit.train(
+        data=str(root),
+        model="conv8-pool-fc16",
+        epochs=1,
+        image_size=16,
+        runs_dir=str(tmp_path / "runs"),
+        quiet=True,
+    )
+    assert "caf\\xe9" in run.classes
+    assert "caf\\xe9" in (run.path / "train.log").read_text(encoding="utf-8")
+    report = run.evaluate()
+    assert "caf\\xe9" in report.classes
+    html, _ = run.report()
+    assert "caf\\xe9" in html.read_text(encoding="utf-8")
+    photo = next((root / os.fsdecode(b"caf\xe9")).iterdir())
+    prediction = run.predict([photo])[0]
+    assert prediction.label in run.classes and "caf\\xe9" in prediction.source
+    print(prediction.source)  # printable: no UnicodeEncodeError

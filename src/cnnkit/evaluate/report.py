@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cnnkit.data.augment import center_crop
+from cnnkit.data.folder import display_name
 from cnnkit.data.memory import Normalizer
 from cnnkit.progress import progress
 
@@ -56,7 +57,7 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     metrics = classification_report(logits, labels, run.classes, split)
     calib = calibration(probs.cpu(), labels.cpu())
     names = (
-        [f for f, _ in data.files[split]]
+        [display_name(f) for f, _ in data.files[split]]  # valid text, as class names are
         if data.files
         else [f"{data.name} {split} #{i}" for i in range(len(part))]
     )

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cnnkit.data.decode import ImageReadError, to_input_tensor
+from cnnkit.data.folder import display_name
 from cnnkit.data.memory import Normalizer
 from cnnkit.device import ExecutionContext
 
@@ -106,7 +107,8 @@ def predict_images(
     results: list[Prediction] = []
     batch, positions = [], []
     for i, image in enumerate(images):
-        source = str(image) if isinstance(image, (str, Path)) else f"<input {i}>"
+        # a path's undecodable bytes shown as escapes, as class names are (printable, JSON)
+        source = display_name(str(image)) if isinstance(image, (str, Path)) else f"<input {i}>"
         try:
             batch.append(to_input_tensor(image, preprocessing))
             positions.append(i)
