@@ -324,6 +324,13 @@ def test_evaluate_on_a_read_only_run_fails_before_computing(tiny_run, monkeypatc
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only_run)
+
+    def computed(*args, **kwargs):
+        raise AssertionError("evaluate computed before checking it can write")
+
+    from cnnkit.runs.run import Run
+
+    monkeypatch.setattr(Run, "logits", computed)
     before = sorted(p.name for p in tiny_run.path.iterdir())
     assert main(["evaluate", str(tiny_run.path)]) == 1
     line = _one_error_line(capsys.readouterr().err)

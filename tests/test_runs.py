@@ -95,13 +95,17 @@ def test_evaluate_without_a_split_uses_val_with_the_caveat(no_test_run, capsys):
     saved = json.loads((no_test_run.path / "eval-val.json").read_text())
     assert saved["split_reason"] == "the run has no test split"
     assert "validation split that selected best.pt: an optimistic" in saved["caveat"]
-    # `cnnkit evaluate RUN` with no --split (cli.py's default for it is None)
+    # `cnnkit evaluate RUN` with no --split
+    (no_test_run.path / "eval-val.json").unlink()
     args = build_parser().parse_args(["evaluate", str(no_test_run.path)])
-    args.split = None
+    assert args.split is None
     assert cmd_evaluate(args) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "val split (the run has no test split)" in out
     assert "caveat this is the validation split that selected best.pt" in out
+    # the file the command saved gives the same reason as its output
+    saved = json.loads((no_test_run.path / "eval-val.json").read_text())
+    assert saved["split_reason"] == "the run has no test split"
 
 
 def test_asking_for_a_missing_test_split_says_what_to_do(no_test_run, capsys):
@@ -175,7 +179,7 @@ def test_resume_restarts_a_run_that_has_no_checkpoint(tmp_path, mnist_dir, capsy
 
 def test_resume_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither last.pt nor config.yaml"):
+    with pytest.raises(FileNotFoundError, match="holds no last.pt.*not a cnnkit run"):
         cnnkit.resume(tmp_path / "empty")
 
 
@@ -238,3 +242,31 @@ def test_resume_names_the_outputs_a_new_best_checkpoint_made_stale(tmp_path, mni
     assert main(["evaluate", str(run.path), "--split", "val", "--json"]) == 0
     assert "rebuilding a stale output: eval-val.json" in capsys.readouterr().err
     assert cnnkit.load_run(run.path).stale_outputs() == []
+
+
+def test_compare_runs_without_a_test_split_on_their_validation_split(no_test_run, tmp_path):
+    result = compare_runs([no_test_run.path, no_test_run.path], plot=tmp_path / "c.png")
+    assert result["split"] == "val" and len(result["runs"]) == 2
+
+
+def test_resume_does_not_take_a_folder_that_only_holds_a_recipe(tmp_path):
+    (tmp_path / "config.yaml").write_text("optim: {lr: 0.01}\n  # a user's recipe\n")
+    with pytest.raises(FileNotFoundError, match="not a cnnkit run"):
+        cnnkit.resume(tmp_path)
+    assert "a user's recipe" in (tmp_path / "config.yaml").read_text()  # left as it was
+
+
+def test_tta_adds_no_mirror_image_for_grayscale_folders(no_test_run, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        type(no_test_run),
+        "logits",
+        lambda self, x: seen.append(x) or x.new_zeros(len(x), 3).float(),
+    )
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    no_test_run.tta_logits(images)
+    assert len(seen) == 6  # colour photos: the image, four shifts and the mirror
+    seen.clear()
+    monkeypatch.setitem(no_test_run.preprocessing, "channels", 1)
+    no_test_run.tta_logits(images[:, :1])
+    assert len(seen) == 5  # grayscale: trained without flips, so no mirror view

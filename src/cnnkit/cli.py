@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="runs side by side: config differences and metrics")
     p.add_argument("runs", nargs="+", help="two or more run directories")
-    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--split", default=None, choices=["test", "val"], help="default: test, else val")
     p.add_argument("--out", default="compare.png", help="validation curves PNG")
     p.add_argument("--json", action="store_true")
 
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         KeyError,
         FileNotFoundError,
         FileExistsError,
+        OSError,  # a read-only or full disk: PermissionError, ENOSPC, ...
         RuntimeError,
         ImportError,
     ) as e:

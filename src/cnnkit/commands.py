@@ -88,7 +88,15 @@ def _console():
 
 
 # What `pip install 'cnnkit[deploy]'` brings (pyproject.toml); the core runs without it.
-DEPLOY_MODULES = ("fastapi", "uvicorn", "prometheus_client", "onnx", "onnxruntime", "onnxscript")
+DEPLOY_MODULES = (
+    "fastapi",
+    "uvicorn",
+    "prometheus_client",
+    "multipart",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+)
 
 
 def _require_deploy_extras(command: str, *modules: str) -> None:
@@ -138,9 +146,9 @@ def cmd_evaluate(args) -> int:
     stale = [s for s in run.stale_outputs() if s.files[0].name == f"eval-{choice.split}.json"]
     for output in stale:  # stderr: --json keeps stdout for the JSON
         print(f"rebuilding a stale output: {output.describe()}", file=sys.stderr)
-    report = run.evaluate(split=choice.split)
+    report = run.evaluate(split=args.split)  # None again: the saved reason is the same one
     if args.tta:
-        plain, report = report, run.evaluate(split=choice.split, tta=True, save=False)
+        plain, report = report, run.evaluate(split=args.split, tta=True, save=False)
     if args.json:
         print(json.dumps({**report.to_dict(), "split_choice": choice.to_dict()}, indent=2))
         return 0
@@ -333,6 +341,7 @@ def cmd_serve(args) -> int:
         "fastapi",
         "uvicorn",
         "prometheus_client",
+        "multipart",  # python-multipart: form uploads, the page's among them
         *(("onnx", "onnxruntime") if onnx_backend else ()),
     )
     from cnnkit.deploy.serve import serve

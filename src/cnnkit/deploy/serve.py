@@ -375,18 +375,21 @@ async def _read_form_files(
     request: Request, max_upload_bytes: int
 ) -> list[tuple[str | None, bytes | InputError]]:
     form = await request.form(max_files=256)
-    files = [v for _, v in form.multi_items() if hasattr(v, "read")]
-    if not files:
-        raise InputError(422, "no files in the form: send them as 'files'")
-    out: list[tuple[str | None, bytes | InputError]] = []
-    for f in files:
-        data = await f.read(max_upload_bytes + 1)  # one byte more tells it is over the limit
-        if len(data) > max_upload_bytes:
-            too_large = InputError(413, f"file larger than the limit of {max_upload_bytes:,} bytes")
-            out.append((f.filename, too_large))
-        else:
-            out.append((f.filename or "upload", data))
-    return out
+    try:  # the spooled temporary files close here, not when garbage-collected
+        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        if not files:
+            raise InputError(422, "no files in the form: send them as 'files'")
+        out: list[tuple[str | None, bytes | InputError]] = []
+        for f in files:
+            data = await f.read(max_upload_bytes + 1)  # one byte more: over the limit
+            if len(data) > max_upload_bytes:
+                limit = f"file larger than the limit of {max_upload_bytes:,} bytes"
+                out.append((f.filename or "upload", InputError(413, limit)))
+            else:
+                out.append((f.filename or "upload", data))
+        return out
+    finally:
+        await form.close()
 
 
 async def _read_body(request: Request) -> bytes:
@@ -627,7 +630,7 @@ def is_loopback(host: str | None) -> bool:
 
 
 def host_allowed(value: str, port: int | None) -> bool:
-    """Whether a Host header names this machine (and the bound port, when it is known)."""
+    """Whether a Host header names this machine (any port: see below)."""
     if value.startswith("["):
         name, _, rest = value.partition("]")
         name += "]"
@@ -635,11 +638,10 @@ def host_allowed(value: str, port: int | None) -> bool:
     else:
         name, sep, port_text = value.partition(":")
         port_text = port_text if sep else None
-    if name.lower() not in LOOPBACK_HOST_NAMES:
-        return False
-    if port_text is None:
-        return True
-    return port_text.isdigit() and (port is None or int(port_text) == port)
+    # The name is what DNS rebinding changes; the port is not checked, since an SSH tunnel
+    # or a local proxy forwards from another one (Host: localhost:9000 for a server on 8000).
+    del port
+    return name.lower() in LOOPBACK_HOST_NAMES and (port_text is None or port_text.isdigit())
 
 
 def route_template(app: ASGIApp, scope: Scope) -> str:
@@ -814,7 +816,8 @@ def create_app(
 
     @app.get("/v1/model")
     async def model_info():
-        return predictor.describe()
+        # reads the run's files (its evaluations, their checkpoints): off the event loop
+        return await asyncio.to_thread(predictor.describe)
 
     @app.get("/metrics")
     async def prometheus():

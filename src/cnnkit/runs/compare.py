@@ -26,7 +26,7 @@ RANKING_NOTE = (
 
 
 def compare_runs(
-    paths: list[str | Path], split: str = "test", plot: str | Path | None = None
+    paths: list[str | Path], split: str | None = None, plot: str | Path | None = None
 ) -> dict:
     """Config differences and key metrics of each run on ``split``; the best is marked by
     validation accuracy, then validation loss: choosing by the test split would make the
@@ -41,14 +41,16 @@ def compare_runs(
         for k in configs[0]
         if len({repr(c.get(k)) for c in configs}) > 1 and k not in ("run.name",)
     ]
-    rows = []
+    rows, used = [], []
     for run in runs:
-        report = run.evaluate(split=split, save=False)
+        report = run.evaluate(split=split, save=False)  # None: test if the run has one
+        used.append(report.split)
         history = run.history
         images, seconds = throughput(history)
         rows.append(
             {
                 "run": str(run.path),
+                "split": report.split,
                 "val_accuracy": run.val_accuracy,
                 "val_loss": (run.checkpoint_metrics or {}).get("val_loss"),
                 "accuracy": report.accuracy,
@@ -65,10 +67,19 @@ def compare_runs(
     ranked = [r for r in rows if r["val_accuracy"] is not None]
     best = max(
         ranked,
-        key=lambda r: (r["val_accuracy"], -(r["val_loss"] if r["val_loss"] is not None else 0)),
+        key=lambda r: (
+            r["val_accuracy"],
+            -(r["val_loss"] if r["val_loss"] is not None else float("inf")),
+        ),
         default=None,
     )
+    split = "/".join(dict.fromkeys(used))  # the split(s) the figures are from
     note = RANKING_NOTE.format(split=split)
+    if "test" not in used:  # runs without a test split: their figures are the chooser's own
+        note = (
+            "ranked by validation accuracy; these runs have no test split, so the accuracy "
+            "beside it is on the validation split that chose best.pt (optimistic)"
+        )
     unranked = [Path(r["run"]).name for r in rows if r["val_accuracy"] is None]
     if unranked:
         note += f"; not ranked (no validation split): {', '.join(unranked)}"

@@ -63,7 +63,9 @@ def top_k(
     """For each row of (N, classes) probabilities, the ``k`` most likely (class, probability),
     most likely first (k is capped at the number of classes)."""
     probs = torch.as_tensor(probabilities).float().cpu()
-    values, indices = probs.topk(min(k, len(classes)), dim=1)
+    # a stable sort: on ties the lower class index first, as evaluation's ranking
+    values, indices = probs.sort(dim=1, descending=True, stable=True)
+    values, indices = values[:, : min(k, len(classes))], indices[:, : min(k, len(classes))]
     return [
         [(classes[j], float(p)) for p, j in zip(v.tolist(), i.tolist(), strict=True)]
         for v, i in zip(values, indices, strict=True)

@@ -241,6 +241,7 @@ class Run:
         if self.config.data.augment in ("flip", "crop-flip", "photo") or (
             self.config.data.augment == "auto"
             and self.preprocessing.get("resize") == "shorter-side"
+            and self.preprocessing.get("channels", 3) != 1  # grayscale folders: no flips
         ):
             views.append(images.flip(-1))
         probs = sum(self.logits(v).softmax(1) for v in views) / len(views)

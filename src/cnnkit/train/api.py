@@ -335,10 +335,12 @@ def _restart(run_dir: Path, quiet: bool, hooks: list[Hook], settings: dict) -> R
     """Train a run that stopped before its first checkpoint from the start, with its
     config.yaml (and its split.json, when it has one: the same files in each split)."""
     config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
+    started = (run_dir / LOG_FILE).is_file() or (run_dir / SPLIT_FILE).is_file()
+    if not (config_file.is_file() and started):  # a recipe named config.yaml is no run
         raise FileNotFoundError(
-            f"{run_dir} holds neither last.pt nor config.yaml: it is not a cnnkit run. "
-            "Start a new run with 'cnnkit train'."
+            f"{run_dir} holds no last.pt, nor the config.yaml and train.log of a run that "
+            "stopped before its first checkpoint: it is not a cnnkit run. Start a new run "
+            "with 'cnnkit train'."
         )
     _check_resumable_settings(settings)
     cfg = apply_overrides(apply_overrides(Config(), load_config(config_file)), settings)
