@@ -92,7 +92,7 @@ DEPLOY_MODULES = (
     "fastapi",
     "uvicorn",
     "prometheus_client",
-    "multipart",
+    "python_multipart",
     "onnx",
     "onnxruntime",
     "onnxscript",
@@ -341,7 +341,7 @@ def cmd_serve(args) -> int:
         "fastapi",
         "uvicorn",
         "prometheus_client",
-        "multipart",  # python-multipart: form uploads, the page's among them
+        "python_multipart",  # form uploads, the page's among them
         *(("onnx", "onnxruntime") if onnx_backend else ()),
     )
     from cnnkit.deploy.serve import serve
