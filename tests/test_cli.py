@@ -126,3 +126,20 @@ def test_pyproject_license_is_an_spdx_expression_setuptools_reads_without_warnin
         dist = apply_configuration(Distribution(), pyproject)
     assert dist.metadata.license_expression == "Apache-2.0"
     assert not [w for w in caught if "license" in str(w.message)]
+
+
+def test_serve_flags_reach_the_service_and_absent_ones_keep_its_defaults(monkeypatch):
+    import cnnkit.commands as commands
+    from cnnkit.cli import build_parser
+
+    monkeypatch.setattr(commands, "_require_deploy_extras", lambda *a: None)
+    seen = {}
+    import cnnkit.deploy.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "serve", lambda model, **kw: seen.update(kw))
+    args = build_parser().parse_args(
+        ["serve", "runs/x", "--decode-threads", "2", "--upload-timeout", "5"]
+    )
+    assert commands.cmd_serve(args) == 0
+    assert seen["decode_threads"] == 2 and seen["upload_timeout_s"] == 5.0
+    assert "max_request_pixels" not in seen and "header_timeout_s" not in seen

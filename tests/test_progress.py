@@ -46,3 +46,21 @@ def test_evaluate_shows_its_long_step_on_stderr_and_keeps_json_clean(tiny_run, c
     out, err = capsys.readouterr()
     assert json.loads(out)["split"] == "test"
     assert re.search(r"^evaluating: 10,000 images in \d+\.\ds", err, re.MULTILINE)
+
+
+def test_a_quiet_training_run_shows_no_progress(tmp_path, monkeypatch):
+    """--quiet: no bar for the decoding step of a folder data set (nor any other)."""
+    import cnnkit
+    import cnnkit.progress as progress_module
+    from conftest import make_photos
+
+    shown = []
+    real = progress_module._console
+    monkeypatch.setattr(progress_module, "_console", lambda: shown.append(1) or real())
+    root = make_photos(tmp_path / "photos", per_class=6)
+    kw = dict(data=str(root), model="conv8-pool-fc16", epochs=1, image_size=16)
+    cnnkit.train(**kw, runs_dir=str(tmp_path / "quiet"), quiet=True)
+    assert shown == []
+    with progress("decoding", 1) as advance:  # progress is back on after a quiet run
+        advance(1)
+    assert shown

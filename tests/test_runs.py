@@ -270,3 +270,25 @@ def test_tta_adds_no_mirror_image_for_grayscale_folders(no_test_run, monkeypatch
     monkeypatch.setitem(no_test_run.preprocessing, "channels", 1)
     no_test_run.tta_logits(images[:, :1])
     assert len(seen) == 5  # grayscale: trained without flips, so no mirror view
+
+
+def test_runs_started_at_once_never_share_a_folder(tmp_path):
+    import threading
+
+    from cnnkit.config import Config, apply_overrides
+    from cnnkit.runs.directory import make_run_dir
+
+    cfg = apply_overrides(Config(), {"runs_dir": str(tmp_path)})
+    start, paths = threading.Barrier(8), []
+
+    def claim():
+        start.wait()
+        paths.append(make_run_dir(cfg))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 8
+    assert sorted(p.name for p in paths)[:2] == ["mnist-seed-cnn", "mnist-seed-cnn-2"]

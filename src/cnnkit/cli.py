@@ -157,7 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a request waits for others to batch with",
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0)
-    p.add_argument("--max-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="per image")
+    # The defaults are the service's own (deploy/serve.py); None leaves them to it.
+    p.add_argument(
+        "--max-request-pixels", type=int, help="all images of one request (default 100M)"
+    )
+    p.add_argument("--decode-threads", type=int, help="images decoded at once (default: 4)")
+    p.add_argument(
+        "--upload-timeout", type=float, help="seconds a body may take to arrive (default 30)"
+    )
+    p.add_argument(
+        "--header-timeout", type=float, help="seconds the headers may take to arrive (default 10)"
+    )
 
     p = sub.add_parser("predict", help="classify image files with a trained run or ONNX file")
     p.add_argument("run", help="run directory, checkpoint .pt, or exported .onnx")

@@ -355,6 +355,16 @@ def cmd_serve(args) -> int:
         max_wait_ms=args.max_wait_ms,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_pixels=args.max_pixels,
+        **{  # only what was given: the service keeps its own defaults for the rest
+            name: value
+            for name, value in (
+                ("max_request_pixels", args.max_request_pixels),
+                ("decode_threads", args.decode_threads),
+                ("upload_timeout_s", args.upload_timeout),
+                ("header_timeout_s", args.header_timeout),
+            )
+            if value is not None
+        },
     )
     return 0
 

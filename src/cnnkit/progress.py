@@ -12,6 +12,19 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+_silenced = 0  # > 0 inside silenced(): a quiet run shows no progress at all
+
+
+@contextmanager
+def silenced() -> Iterator[None]:
+    """No progress from anything called inside (``cnnkit train --quiet``)."""
+    global _silenced
+    _silenced += 1
+    try:
+        yield
+    finally:
+        _silenced -= 1
+
 
 def _console():
     from rich.console import Console
@@ -36,7 +49,7 @@ def progress(
     """
     done = 0
     start = time.perf_counter()
-    console = None if quiet else _console()
+    console = None if quiet or _silenced else _console()
     bar = task = None
     if console is not None and console.is_terminal:
         from rich.progress import (

@@ -61,13 +61,17 @@ def make_run_dir(cfg: Config, overwrite: bool = False) -> Path:
             if not any((path / m).exists() for m in RUN_MARKERS):
                 raise FileExistsError(f"{path} exists and is not a cnnkit run; not replacing it")
             shutil.rmtree(path)
-    else:
-        base = default_run_name(cfg)
-        path, i = runs / base, 2
-        while path.exists():
-            path, i = runs / f"{base}-{i}", i + 1
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base, i = default_run_name(cfg), 1
+    runs.mkdir(parents=True, exist_ok=True)
+    while True:  # mkdir claims the name: two runs started at once never share a folder
+        path = runs / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            i += 1
 
 
 def save_split(data: DataSplits, path: Path) -> None:

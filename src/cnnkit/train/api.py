@@ -10,6 +10,7 @@ layer-wise decaying learning rate. best.pt is the best validation epoch of eithe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -26,6 +27,7 @@ from cnnkit.data.doctor import quick_check
 from cnnkit.data.resolve import load_data, weights_preprocessing
 from cnnkit.device import ExecutionContext, resolve_device
 from cnnkit.models import create_model
+from cnnkit.progress import silenced
 from cnnkit.runs.checkpoint import Checkpoint, describe_run, read_checkpoint
 from cnnkit.runs.directory import (
     CONFIG_FILE,
@@ -228,22 +230,25 @@ def _run_training(
         for h in all_hooks:
             h.message(text)
 
+    # --quiet: no progress bars either (decoding, backbone features)
+    quiet_progress = silenced() if quiet else contextlib.nullcontext()
     try:
-        for note in notes:
-            say(note)
-        plan = _plan_run(cfg, run_dir, resume)
-        new_folder_run = plan.data.files is not None and not (run_dir / SPLIT_FILE).exists()
-        if new_folder_run:
-            save_split(plan.data, run_dir / SPLIT_FILE)
-        _header(plan, run_dir, say)
-        if new_folder_run:
-            for finding in quick_check(plan.data):
-                say(f"{finding.level}: {finding.message}")
-                for line in finding.files[:5]:
-                    say(f"    {line}")
-        state = _train_stages(plan, run_dir, all_hooks, say, resume)
-        if state is not None:
-            _summarise(state, run_dir, say)
+        with quiet_progress:
+            for note in notes:
+                say(note)
+            plan = _plan_run(cfg, run_dir, resume)
+            new_folder_run = plan.data.files is not None and not (run_dir / SPLIT_FILE).exists()
+            if new_folder_run:
+                save_split(plan.data, run_dir / SPLIT_FILE)
+            _header(plan, run_dir, say)
+            if new_folder_run:
+                for finding in quick_check(plan.data):
+                    say(f"{finding.level}: {finding.message}")
+                    for line in finding.files[:5]:
+                        say(f"    {line}")
+            state = _train_stages(plan, run_dir, all_hooks, say, resume)
+            if state is not None:
+                _summarise(state, run_dir, say)
     finally:
         text_log.close()
     return load_run(run_dir, device=str(plan.ctx.device))
