@@ -153,3 +153,16 @@ def test_compare_runs(mnist_dir, tmp_path, capsys):
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c.png")]) == 0
     assert "optim.lr" in capsys.readouterr().out
+
+
+def test_explain_gives_two_files_with_one_name_two_outputs(tiny_run, tmp_path, capsys):
+    from cnnkit.data import load_dataset
+
+    digits = load_dataset("mnist", val_split=0).test.images[:2, 0].numpy()
+    for folder, digit in zip(("a", "b"), digits, strict=True):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(digit).save(tmp_path / folder / "1.png")
+    files = [str(tmp_path / "a" / "1.png"), str(tmp_path / "b" / "1.png")]
+    assert main(["explain", str(tiny_run.path), *files, "--out", str(tmp_path / "o")]) == 0
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert written == ["1-2-gradcam.png", "1-gradcam.png"]  # neither overwrote the other

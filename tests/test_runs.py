@@ -283,7 +283,7 @@ def test_runs_started_at_once_never_share_a_folder(tmp_path):
 
     def claim():
         start.wait()
-        paths.append(make_run_dir(cfg))
+        paths.append(make_run_dir(cfg)[0])
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for t in threads:
@@ -292,3 +292,16 @@ def test_runs_started_at_once_never_share_a_folder(tmp_path):
         t.join()
     assert len(set(paths)) == 8
     assert sorted(p.name for p in paths)[:2] == ["mnist-seed-cnn", "mnist-seed-cnn-2"]
+
+
+def test_overwrite_that_fails_to_start_keeps_the_old_run(tmp_path, mnist_dir):
+    kw = dict(model="conv8-pool-fc16", epochs=1, limit=300, name="r", runs_dir=str(tmp_path))
+    old = cnnkit.train(data="mnist", quiet=True, **kw).path
+    weights = (old / "best.pt").read_bytes()
+    with pytest.raises(FileNotFoundError):
+        cnnkit.train(data="no-such-folder", overwrite=True, quiet=True, **kw)
+    assert (old / "best.pt").read_bytes() == weights  # put back as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    cnnkit.train(data="mnist", overwrite=True, quiet=True, seed=1, **kw)
+    assert (old / "best.pt").read_bytes() != weights  # replaced once the new run trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]

@@ -237,7 +237,7 @@ def cmd_explain(args) -> int:
     run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
     out = Path(args.out) if args.out else run.path / "explain"
     out.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    failed, used = 0, set()
     for path, (pred, image) in zip(
         args.files, run.explain(args.files, layer=args.layer), strict=True
     ):
@@ -245,9 +245,13 @@ def cmd_explain(args) -> int:
             print(f"error: {pred.error}", file=sys.stderr)
             failed += 1
             continue
-        target = out / f"{Path(path).stem}-gradcam.png"
+        name, i = Path(path).stem, 2
+        while name in used:  # a/1.png and b/1.png: 1-gradcam.png and 1-2-gradcam.png
+            name, i = f"{Path(path).stem}-{i}", i + 1
+        used.add(name)
+        target = out / f"{name}-gradcam.png"
         viewable(image).save(target)
-        print(f"{path}: {pred.label} {pred.top[0][1]:.1%} -> {target}")
+        print(f"{pred.source}: {pred.label} {pred.top[0][1]:.1%} -> {target}")
     return 1 if failed else 0
 
 

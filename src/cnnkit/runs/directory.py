@@ -45,10 +45,16 @@ def default_run_name(cfg: Config) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)[:60].strip("_-")
 
 
-def make_run_dir(cfg: Config, overwrite: bool = False) -> Path:
-    """runs/<name>: a fresh directory. An automatic name gets -2, -3... instead of clashing;
-    an explicit --name that exists is an error unless ``overwrite``."""
+def make_run_dir(cfg: Config, overwrite: bool = False) -> tuple[Path, Path | None]:
+    """(runs/<name>, a fresh directory; the run it replaces, set aside, or None).
+
+    An automatic name gets -2, -3... instead of clashing; an explicit --name that exists is
+    an error unless ``overwrite``. The replaced run is moved beside it (``.<name>.replaced``),
+    not deleted: the caller deletes it once the new run has a checkpoint, or puts it back
+    when the new one fails before that (a typo in --data must not cost the old run).
+    """
     runs = Path(cfg.run.runs_dir)
+    replaced = None
     if cfg.run.name:
         path = runs / cfg.run.name
         if path.exists() and any(path.iterdir()):
@@ -60,16 +66,18 @@ def make_run_dir(cfg: Config, overwrite: bool = False) -> Path:
                 )
             if not any((path / m).exists() for m in RUN_MARKERS):
                 raise FileExistsError(f"{path} exists and is not a cnnkit run; not replacing it")
-            shutil.rmtree(path)
+            replaced = path.with_name(f".{path.name}.replaced")
+            shutil.rmtree(replaced, ignore_errors=True)  # one left by a crash: older still
+            path.rename(replaced)
         path.mkdir(parents=True, exist_ok=True)
-        return path
+        return path, replaced
     base, i = default_run_name(cfg), 1
     runs.mkdir(parents=True, exist_ok=True)
     while True:  # mkdir claims the name: two runs started at once never share a folder
         path = runs / (base if i == 1 else f"{base}-{i}")
         try:
             path.mkdir()
-            return path
+            return path, None
         except FileExistsError:
             i += 1
 

@@ -295,13 +295,18 @@ def train(
     model="seed-cnn", epochs=5, lr=1e-3)`` or ``train(**{"optim.lr": 1e-3})``.
     """
     cfg = apply_overrides(config or Config(), settings)
-    run_dir = make_run_dir(cfg, overwrite)
+    run_dir, replaced = make_run_dir(cfg, overwrite)
     try:
         dump_config(cfg, run_dir / CONFIG_FILE)
         return _run_training(cfg, run_dir, quiet, list(hooks))
     except BaseException:  # Ctrl-C during set-up too
         _remove_unstarted_run(run_dir)
+        if replaced is not None and not run_dir.exists():
+            replaced.rename(run_dir)  # the new run never started: the old one comes back
         raise
+    finally:
+        if replaced is not None and replaced.exists():
+            shutil.rmtree(replaced, ignore_errors=True)  # the new run has a checkpoint
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
