@@ -246,11 +246,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def _identity(file: str, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What an output derived from a checkpoint records of it, to tell later whether the
+    file still holds the same weights."""
+    return {
+        "file": file,
+        "epoch": ckpt.get("epoch"),
+        "created": ckpt.get("created"),
+        "weights_sha256": ckpt.get("weights_sha256"),  # None in files from before checksums
+    }
+
+
 def checkpoint_identity(path: str | Path) -> dict[str, Any] | None:
-    """Which weights a checkpoint file holds now: {file, epoch, created, weights_sha256};
-    None when there is
-    no readable file. Memory-mapped and unchecked: only the small fields are read, so this
-    is cheap even for a large model (``load_checkpoint`` checks the weights)."""
+    """Which weights a checkpoint file holds now (see ``_identity``); None when there is no
+    readable file. Memory-mapped and unchecked: only the small fields are read, so this is
+    cheap even for a large model (``load_checkpoint`` checks the weights)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -260,12 +270,7 @@ def checkpoint_identity(path: str | Path) -> dict[str, Any] | None:
         return None
     if _format_version(ckpt) is None:
         return None
-    return {
-        "file": path.name,
-        "epoch": ckpt.get("epoch"),
-        "created": ckpt.get("created"),
-        "weights_sha256": ckpt.get("weights_sha256"),  # None in files from before checksums
-    }
+    return _identity(path.name, ckpt)
 
 
 @dataclass(frozen=True)
@@ -295,12 +300,7 @@ class Checkpoint:
     def identity(self) -> dict[str, Any]:
         """What an output derived from these weights records, as ``checkpoint_identity``
         reads it back from the file: {file, epoch, created, weights_sha256}."""
-        return {
-            "file": self.path.name,
-            "epoch": self.epoch,
-            "created": self.created,
-            "weights_sha256": self.weights_sha256,
-        }
+        return _identity(self.path.name, vars(self))  # the fields, by the same names
 
     def build_model(self) -> nn.Module:
         """The model this checkpoint describes, with its weights, in eval mode."""

@@ -288,8 +288,8 @@ class Run:
         The validation split is rebuilt exactly as training made it (same seed, same
         fraction); ``save`` writes eval-<split>.json, confusion_matrix.png and curves.png.
         """
-        choice = self.choose_split(split)
-        data = self.data()
+        data = self.data()  # loaded once: choose_split looks at it too
+        choice = self.choose_split(split, data)
         part = data.split(choice.split)
         logits = self.tta_logits(part.images) if tta else self.logits(part.images, "evaluating")
         report = classification_report(
@@ -323,9 +323,10 @@ class Run:
             f"accuracy {report.accuracy:.2%}",
             self.path / "confusion_matrix.png",
         )
-        if self.history:
+        history = self.history  # metrics.csv, read once
+        if history:
             files["curves"] = plot_curves(
-                self.history,
+                history,
                 f"{self.path.name}: {self.config.model.name} on {data_name}",
                 self.path / "curves.png",
             )
