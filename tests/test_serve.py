@@ -20,7 +20,9 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+import cnnkit.deploy.guard as guard  # noqa: E402
 import cnnkit.deploy.serve as serve  # noqa: E402
+import cnnkit.deploy.uploads as uploads  # noqa: E402
 
 # Swagger UI's files for an offline /docs come with the fastapi-offline package.
 HAS_OFFLINE_DOCS = importlib.util.find_spec("fastapi_offline") is not None
@@ -95,7 +97,7 @@ def test_each_file_gets_its_own_status(client):
     got = r.json()["predictions"]
     assert [g.get("error", {}).get("status") for g in got] == [None, 422, 415, 422, 413, 413]
     assert got[1]["error"] == {"status": 422, "message": "empty file"}
-    assert got[2]["error"]["message"] == serve.NOT_AN_IMAGE
+    assert got[2]["error"]["message"] == uploads.NOT_AN_IMAGE
     assert got[3]["error"]["message"].startswith("truncated or corrupt image (")
     assert got[4]["error"]["message"] == "image is 200x100 = 20,000 pixels; the limit is 10,000"
     assert got[5]["error"]["message"] == "file larger than the limit of 50,000 bytes"
@@ -229,9 +231,9 @@ def test_metrics_labels_are_route_templates_and_escaped(client):
         for s in families["cnnkit_requests"].samples
         if s.name == "cnnkit_requests_total"
     }
-    assert requests[(serve.UNMATCHED_PATH, "404")] == 31
+    assert requests[(guard.UNMATCHED_PATH, "404")] == 31
     assert requests[("/healthz", "200")] == 1
-    assert {path for path, _ in requests} <= {serve.UNMATCHED_PATH, "/healthz"}
+    assert {path for path, _ in requests} <= {guard.UNMATCHED_PATH, "/healthz"}
 
 
 def test_a_server_failure_is_a_json_500_and_counted(client, monkeypatch):
@@ -402,7 +404,7 @@ def test_a_request_has_a_pixel_budget(stub_app):
 
 
 def test_host_check_when_bound_to_loopback(stub_app):
-    with TestClient(stub_app(host="127.0.0.1", port=8000)) as c:
+    with TestClient(stub_app(host="127.0.0.1")) as c:
         # another port is a tunnel or a local proxy (ssh -L 9000:localhost:8000): allowed
         for good in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "localhost", "[::1]:9000"):
             assert c.get("/healthz", headers={"host": good}).status_code == 200, good
@@ -453,7 +455,7 @@ def test_explain_refuses_more_than_one_file(monkeypatch):
         r = c.post("/v1/explain", files=files(("a.png", png())))
         assert r.status_code == 200 and r.json()["label"] == "bright"
         status, error = error_of(c.post("/v1/explain", files=files(("a.txt", b"text"))))
-        assert status == 415 and error["message"] == serve.NOT_AN_IMAGE
+        assert status == 415 and error["message"] == uploads.NOT_AN_IMAGE
 
 
 def test_favicon_is_served(client):

@@ -22,6 +22,9 @@ images 422. Each file of a batch gets its own result. Every error is JSON:
 Bound to a loopback address, the service answers only requests whose Host is that machine
 (``localhost``, ``127.0.0.1`` or ``[::1]``): a web page elsewhere cannot reach it through
 DNS rebinding.
+
+Reading uploads within their limits is in ``uploads.py``; what every request goes through
+(the Host check, security headers, metrics, JSON 500s, the header deadline) in ``guard.py``.
 """
 
 from __future__ import annotations
@@ -31,12 +34,10 @@ import base64
 import hashlib
 import importlib.util
 import io
-import ipaddress
 import json
 import logging
 import os
 import re
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -48,44 +49,36 @@ from fastapi import FastAPI, Request  # this module is imported only to serve
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest as prometheus_text
-from starlette.datastructures import MutableHeaders
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cnnkit.data.decode import (
-    EmptyImageError,
-    ImageReadError,
-    ImageTooLargeError,
-    NotAnImageError,
-    open_image,
-    to_input_tensor,
-)
 from cnnkit.evaluate.explain import explain_images
 from cnnkit.runs.inference import top_k as top_k_classes
 from cnnkit.runs.run import load_run
 
+from .guard import (
+    HEADER_TIMEOUT_S,
+    GuardMiddleware,
+    Metrics,
+    error_json,
+    header_timeout_protocol,
+    is_loopback,
+)
 from .onnx_model import OnnxModel
+from .uploads import (
+    MAX_PIXELS,
+    MAX_UPLOAD_BYTES,
+    UPLOAD_TIMEOUT_S,
+    InputError,
+    decode_upload,
+    read_uploads,
+)
 
 log = logging.getLogger("cnnkit.serve")
 
-MAX_UPLOAD_BYTES = 10 * 2**20
-MAX_PIXELS = 40_000_000  # about a 7,300 x 5,500 photo
 MAX_REQUEST_PIXELS = 100_000_000  # all the images of one request together
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # images decoded at once, across all requests
-UPLOAD_TIMEOUT_S = 30.0  # for the whole body: a client that trickles it is cut off
-HEADER_TIMEOUT_S = 10.0  # for the request line and headers, from connecting or the last answer
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-MULTIPART_FRAMING_BYTES = 64 * 1024  # allowed on top of max_upload_bytes in a form
-UNMATCHED_PATH = "(unmatched)"  # the one metrics label of every path no route serves
-LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
-NOT_AN_IMAGE = (
-    "not an image, or a format that cannot be read (use JPEG, PNG, WebP, BMP, GIF or TIFF)"
-)
 EXPLAIN_NEEDS_TORCH = "Grad-CAM needs the PyTorch model: serve the run directory, not the ONNX file"
 # Swagger UI's files come from the fastapi-offline package when it is installed: /docs then
 # works with no network. Without it /docs is off (a page that loads its JS from a CDN would
@@ -97,24 +90,11 @@ FAVICON_SVG = (
     '<rect width="16" height="16" rx="3" fill="#4c9be8"/>'
     '<path d="M4 4h3v3H4zm5 0h3v3H9zM4 9h3v3H4z" fill="#fff"/></svg>'
 )
-# Responses other than the page and /docs: nothing to run, and not to be framed.
 NONE = "'none'"
-API_CSP = "default-src 'none'; frame-ancestors 'none'"
 DOCS_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline';"
     " img-src 'self' data:; frame-ancestors 'none'"
 )
-
-
-class InputError(Exception):
-    """An upload that cannot be used; ``status`` is the HTTP status to answer with.
-
-    ``size``: (width, height) of an image refused for its pixels, from its header.
-    """
-
-    def __init__(self, status: int, message: str, size: tuple[int, int] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.size = status, message, size
 
 
 # ---------------------------------------------------------------- the model behind the API
@@ -260,184 +240,6 @@ class MicroBatcher:
                         future.set_exception(e)
 
 
-class Metrics:
-    """The service's Prometheus metrics, in a registry of its own (one per app).
-
-    Requests are labelled by route template, never by the raw path: a client cannot make
-    the page grow by asking for paths that do not exist, nor break it with what it puts in one.
-    """
-
-    def __init__(self, max_batch: int = 32):
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "cnnkit_requests",
-            "HTTP requests by route template and status.",
-            ["path", "status"],
-            registry=self.registry,
-        )
-        self.images = Counter("cnnkit_images", "Images classified.", registry=self.registry)
-        self.input_errors = Counter(
-            "cnnkit_input_errors",
-            "Rejected inputs (whole requests or single files) by HTTP status.",
-            ["status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "cnnkit_request_latency_seconds",
-            "Request latency.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        sizes = [2**i for i in range(max(1, max_batch).bit_length() + 1)]
-        self.batch_size = Histogram(
-            "cnnkit_batch_size",
-            "Images per inference batch.",
-            buckets=sizes,
-            registry=self.registry,
-        )
-
-    def observe(self, path: str, status: int, seconds: float) -> None:
-        self.requests.labels(path=path, status=str(status)).inc()
-        self.latency.observe(seconds)
-
-    def input_error(self, status: int) -> None:
-        self.input_errors.labels(status=str(status)).inc()
-
-    def render(self) -> bytes:
-        return prometheus_text(self.registry)
-
-
-# ---------------------------------------------------------------- reading the request
-
-
-def bounded_receive(
-    receive: Receive, max_bytes: int, timeout_s: float, too_large: str | None = None
-) -> Receive:
-    """``receive`` that raises InputError once more than ``max_bytes`` of body have come in
-    (413, with the message ``too_large``), or when the body has not all come within
-    ``timeout_s`` (408).
-
-    It counts what actually arrives, so neither a chunked body nor a Content-Length that
-    lies gets past the limit, and a client that trickles its upload is cut off.
-    """
-    received = 0
-    deadline = time.monotonic() + timeout_s
-    too_large = too_large or f"body larger than the limit of {max_bytes:,} bytes"
-
-    async def receive_within_limits() -> Message:
-        nonlocal received
-        try:
-            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise InputError(
-                408, f"upload too slow: the body did not arrive within {timeout_s:g} s"
-            ) from None
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > max_bytes:
-                raise InputError(413, too_large)
-        return message
-
-    return receive_within_limits
-
-
-async def read_uploads(
-    request: Request, max_upload_bytes: int, timeout_s: float = UPLOAD_TIMEOUT_S
-) -> list[tuple[str | None, bytes | InputError]]:
-    """(name, bytes or the error) for each uploaded file: multipart files, or the raw body.
-
-    A request over the limit as a whole raises InputError; in a form, each file over the
-    limit gets its own error and the others are still read.
-    """
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_upload_bytes + MULTIPART_FRAMING_BYTES:
-        raise InputError(413, f"upload of {int(length):,} bytes; the limit is {max_upload_bytes:,}")
-    is_form = request.headers.get("content-type", "").startswith("multipart/form-data")
-    # A form may carry its framing on top of the files' bytes; a raw body is the file itself.
-    max_body, too_large = max_upload_bytes, None
-    if is_form:
-        max_body += MULTIPART_FRAMING_BYTES
-        too_large = (
-            f"form larger than the limit of {max_upload_bytes:,} bytes "
-            f"(and {MULTIPART_FRAMING_BYTES:,} bytes of form framing)"
-        )
-    receive = bounded_receive(request.receive, max_body, timeout_s, too_large)
-    request = Request(request.scope, receive)
-    try:
-        if is_form:
-            return await _read_form_files(request, max_upload_bytes)
-        return [("body", await _read_body(request))]
-    except ClientDisconnect:
-        raise InputError(400, "the client went away before the upload was complete") from None
-
-
-async def _read_form_files(
-    request: Request, max_upload_bytes: int
-) -> list[tuple[str | None, bytes | InputError]]:
-    form = await request.form(max_files=256)
-    try:  # the spooled temporary files close here, not when garbage-collected
-        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
-        if not files:
-            raise InputError(422, "no files in the form: send them as 'files'")
-        out: list[tuple[str | None, bytes | InputError]] = []
-        for f in files:
-            data = await f.read(max_upload_bytes + 1)  # one byte more: over the limit
-            if len(data) > max_upload_bytes:
-                limit = f"file larger than the limit of {max_upload_bytes:,} bytes"
-                out.append((f.filename or "upload", InputError(413, limit)))
-            else:
-                out.append((f.filename or "upload", data))
-        return out
-    finally:
-        await form.close()
-
-
-async def _read_body(request: Request) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():  # the bounded receive stops it at the limit
-        body += chunk
-    if not body:
-        raise InputError(422, "empty body: send an image as the body or as multipart 'files'")
-    return bytes(body)
-
-
-def decode_upload(data: bytes, preprocessing: dict, max_pixels: int) -> tuple[torch.Tensor, int]:
-    """Bytes -> (the model's uint8 input, the pixels decoded), checking the size first.
-
-    CPU-heavy: run it in a worker thread, never on the event loop.
-    """
-    try:
-        im = open_image(data, max_pixels=max_pixels)
-    except ImageReadError as e:
-        raise upload_error(e) from None
-    except Exception as e:
-        # A decoder plug-in that fails in a way open_image does not expect (DDS raises
-        # NotImplementedError on unknown pixel formats): still this file's fault, not ours.
-        log.warning("image decoder failed: %r", e)
-        raise InputError(422, f"cannot decode image ({type(e).__name__}: {e})") from None
-    pixels = im.size[0] * im.size[1]
-    try:
-        return to_input_tensor(im, preprocessing), pixels
-    except Exception as e:  # a mode Pillow cannot convert, or a plug-in's own failure
-        raise InputError(422, f"truncated or corrupt image ({e})") from None
-
-
-def upload_error(e: ImageReadError) -> InputError:
-    """The API's answer to an image that does not decode: its status by the kind of failure."""
-    if isinstance(e, EmptyImageError):
-        return InputError(422, "empty file")
-    if isinstance(e, NotAnImageError):
-        return InputError(415, NOT_AN_IMAGE)
-    if isinstance(e, ImageTooLargeError):
-        if e.size is None:  # Pillow's own decompression-bomb limit
-            return InputError(413, f"image too large: {e.reason}")
-        w, h = e.size
-        return InputError(
-            413, f"image is {w}x{h} = {w * h:,} pixels; the limit is {e.max_pixels:,}", e.size
-        )
-    return InputError(422, f"truncated or corrupt image ({e.reason})")
-
-
 def check_k(k: int | None, default: int, classes: int) -> int:
     """The ``k`` query parameter, the number of classes to list: 1 to ``classes``.
 
@@ -451,11 +253,6 @@ def check_k(k: int | None, default: int, classes: int) -> int:
 
 
 # ---------------------------------------------------------------- what the endpoints do
-
-
-def error_json(status: int, message: str) -> JSONResponse:
-    """The API's error shape: ``{"error": {"status", "message"}}``."""
-    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status)
 
 
 def _hash_source(source: str) -> str:
@@ -614,102 +411,6 @@ class Service:
         self.decoder.shutdown(wait=False, cancel_futures=True)
 
 
-# ---------------------------------------------------------------- around every request
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether the server is bound to this machine only."""
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def host_allowed(value: str, port: int | None) -> bool:
-    """Whether a Host header names this machine (any port: see below)."""
-    if value.startswith("["):
-        name, _, rest = value.partition("]")
-        name += "]"
-        port_text = rest[1:] if rest.startswith(":") else (None if not rest else "x")
-    else:
-        name, sep, port_text = value.partition(":")
-        port_text = port_text if sep else None
-    # The name is what DNS rebinding changes; the port is not checked, since an SSH tunnel
-    # or a local proxy forwards from another one (Host: localhost:9000 for a server on 8000).
-    del port
-    return name.lower() in LOOPBACK_HOST_NAMES and (port_text is None or port_text.isdigit())
-
-
-def route_template(app: ASGIApp, scope: Scope) -> str:
-    """The path template of the route that serves ``scope`` (``UNMATCHED_PATH`` if none)."""
-    routes = getattr(getattr(app, "router", None), "routes", [])
-    partial = None
-    for route in routes:
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return route.path
-        if match == Match.PARTIAL and partial is None:  # the path, but not the method
-            partial = route.path
-    return partial or UNMATCHED_PATH
-
-
-class GuardMiddleware:
-    """Around every HTTP request: the Host check, security headers, metrics, and a JSON 500.
-
-    A plain ASGI middleware (not ``@app.middleware``): an exception from an endpoint passes
-    through it, so a failure is counted and answered as JSON like any other status.
-    """
-
-    def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, check_host: bool, port: int | None = None
-    ):
-        self.app, self.metrics, self.check_host, self.port = app, metrics, check_host, port
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = 500
-        started = False
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                status, started = message["status"], True
-                headers = MutableHeaders(scope=message)
-                headers.setdefault("X-Content-Type-Options", "nosniff")
-                headers.setdefault("Content-Security-Policy", API_CSP)
-                headers.setdefault("X-Frame-Options", "DENY")
-                headers.setdefault("Referrer-Policy", "no-referrer")
-            await send(message)
-
-        try:
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if self.check_host and not host_allowed(host, self.port):
-                # DNS rebinding: a page from elsewhere resolving its own name to 127.0.0.1.
-                response = error_json(
-                    421, f"this server answers only for {', '.join(LOOPBACK_HOST_NAMES)}"
-                )
-                await response(scope, receive, send_with_headers)
-            else:
-                await self.app(scope, receive, send_with_headers)
-        except Exception:
-            log.exception("request to %s failed", scope.get("path"))
-            status = 500
-            if started:
-                raise  # too late for an error page: the server closes the connection
-            await error_json(500, "internal server error")(scope, receive, send_with_headers)
-        finally:
-            self.metrics.observe(
-                route_template(scope.get("app"), scope), status, time.perf_counter() - t0
-            )
-
-
 def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
@@ -742,11 +443,10 @@ def create_app(
     upload_timeout_s: float = UPLOAD_TIMEOUT_S,
     top_k: int = 5,
     host: str | None = None,
-    port: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving the run or ONNX file at ``model_path``.
 
-    ``host`` and ``port``: where the server is bound. Bound to a loopback address, the app
+    ``host``: where the server is bound. Bound to a loopback address, the app
     answers 421 to requests whose Host header names another machine (DNS rebinding).
     """
     predictor = Predictor(model_path, backend)
@@ -784,7 +484,7 @@ def create_app(
         description=f"Image classifier: {', '.join(predictor.classes[:20])}",
     )
     app.state.predictor, app.state.batcher, app.state.metrics = predictor, batcher, metrics
-    app.add_middleware(GuardMiddleware, metrics=metrics, check_host=is_loopback(host), port=port)
+    app.add_middleware(GuardMiddleware, metrics=metrics, check_host=is_loopback(host))
 
     # Every error in the API's one shape, FastAPI's and Starlette's own included.
     @app.exception_handler(StarletteHTTPException)
@@ -854,46 +554,6 @@ def create_app(
     return app
 
 
-def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
-    """uvicorn's HTTP protocol, closing a connection whose request line and headers have not
-    all arrived ``seconds`` after it opened or after its last response (slowloris).
-
-    uvicorn times out idle keep-alive connections, and the app times out a slow body, but
-    nothing in uvicorn bounds the wait for headers: a client sending them a byte at a time
-    holds its connection for ever. Both of uvicorn's HTTP protocols set ``cycle`` when a
-    request's headers are complete; that is what the timer looks at.
-    """
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-    class HeaderTimeoutProtocol(AutoHTTPProtocol):
-        header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self.arm_header_timer()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self.arm_header_timer()
-
-        def connection_lost(self, exc) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            super().connection_lost(exc)
-
-        def arm_header_timer(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            self.header_timer = self.loop.call_later(seconds, self.headers_too_slow)
-
-        def headers_too_slow(self) -> None:
-            waiting = self.cycle is None or self.cycle.response_complete  # no request begun
-            if waiting and not self.transport.is_closing():
-                self.transport.close()
-
-    return HeaderTimeoutProtocol
-
-
 def serve(
     model_path: str | Path,
     host: str = "127.0.0.1",
@@ -904,7 +564,7 @@ def serve(
     """Serve ``model_path`` with uvicorn; ``kwargs`` go to ``create_app``."""
     import uvicorn
 
-    app = create_app(model_path, host=host, port=port, **kwargs)
+    app = create_app(model_path, host=host, **kwargs)
     # Slow clients: idle keep-alive connections are closed after 5 s, headers that have not
     # arrived within header_timeout_s close the connection, and a body that trickles in is
     # answered 408 by the app (upload_timeout_s).
