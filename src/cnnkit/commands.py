@@ -131,6 +131,13 @@ def _check_writable(folder: Path, hint: str) -> None:
         raise ValueError(f"cannot write to {folder} ({e.strerror or e}); {hint}") from None
 
 
+def _say_rebuilding(run, output: str, stream) -> None:
+    """Say so when the ``output`` file about to be rewritten was made from other weights."""
+    for stale in run.stale_outputs():
+        if stale.files[0].name == output:
+            print(f"rebuilding a stale output: {stale.describe()}", file=stream)
+
+
 def cmd_evaluate(args) -> int:
     from rich.markup import escape
 
@@ -143,9 +150,7 @@ def cmd_evaluate(args) -> int:
         "copy the run somewhere writable",
     )
     choice = run.choose_split(args.split)  # None: test if the run has one, else val
-    stale = [s for s in run.stale_outputs() if s.files[0].name == f"eval-{choice.split}.json"]
-    for output in stale:  # stderr: --json keeps stdout for the JSON
-        print(f"rebuilding a stale output: {output.describe()}", file=sys.stderr)
+    _say_rebuilding(run, f"eval-{choice.split}.json", sys.stderr)  # stdout: --json
     report = run.evaluate(split=args.split)  # None again: the saved reason is the same one
     if args.tta:
         plain, report = report, run.evaluate(split=args.split, tta=True, save=False)
@@ -212,9 +217,7 @@ def cmd_report(args) -> int:
     import cnnkit
 
     run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
-    for output in run.stale_outputs():
-        if output.files[0].name == "report.json":
-            print(f"rebuilding a stale output: {output.describe()}")
+    _say_rebuilding(run, "report.json", sys.stdout)
     html_path, json_path = run.report(split=args.split, gallery=args.gallery)
     report = json.loads(json_path.read_text())
     m = report["metrics"]
@@ -376,7 +379,7 @@ def cmd_serve(args) -> int:
 def _image_files(arguments: list[str]) -> list[str]:
     """The files as given, each folder replaced by every image file under it (recursively,
     sorted; hidden files and folders left out, as the folder data sets do)."""
-    from cnnkit.data.folder import IMAGE_EXTENSIONS
+    from cnnkit.data.folder import IMAGE_EXTENSIONS, find_image_files
 
     files = []
     for argument in arguments:
@@ -384,13 +387,7 @@ def _image_files(arguments: list[str]) -> list[str]:
         if not folder.is_dir():
             files.append(argument)  # a missing or unreadable file gets its own error line
             continue
-        found = sorted(
-            path
-            for path in folder.rglob("*")
-            if path.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-            and path.is_file()
-        )
+        found = find_image_files(folder)  # as a folder data set finds them
         if not found:
             raise ValueError(
                 f"{folder}: no image files in this folder or below "

@@ -134,23 +134,35 @@ def _class_folders(root: Path, ignored: list, skipped: list) -> dict[str, list[P
         if not entry.is_dir():
             skipped.append((entry, not_a_file(entry) or "no such folder"))
             continue
-        files = []
-        for f in sorted(entry.rglob("*")):
-            if any(p.startswith(".") for p in f.relative_to(root).parts):
-                continue
-            if f.is_dir():
-                if f.is_symlink():  # rglob does not descend into linked folders
-                    skipped.append((f, "symbolic link to a folder, not followed"))
-                continue
-            why = not_a_file(f)
-            if why:
-                skipped.append((f, why))
-            elif f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(f)
-            else:
-                ignored.append((f, f"not an image file extension ({f.suffix or 'none'})"))
-        out[display_name(entry.name)] = files
+        out[display_name(entry.name)] = find_image_files(entry, ignored, skipped)
     return out
+
+
+def find_image_files(
+    folder: Path, ignored: list | None = None, skipped: list | None = None
+) -> list[Path]:
+    """The image files under ``folder``, recursively and sorted; hidden files and folders
+    left out. Files of other extensions are added to ``ignored``, links to folders (not
+    followed) and anything not a regular file (never opened: a FIFO would block) to
+    ``skipped``, each as (path, why)."""
+    ignored = [] if ignored is None else ignored
+    skipped = [] if skipped is None else skipped
+    files = []
+    for f in sorted(folder.rglob("*")):
+        if any(p.startswith(".") for p in f.relative_to(folder).parts):
+            continue
+        if f.is_dir():
+            if f.is_symlink():  # rglob does not descend into linked folders
+                skipped.append((f, "symbolic link to a folder, not followed"))
+            continue
+        why = not_a_file(f)
+        if why:
+            skipped.append((f, why))
+        elif f.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(f)
+        else:
+            ignored.append((f, f"not an image file extension ({f.suffix or 'none'})"))
+    return files
 
 
 def _read_text(path: Path) -> str:
