@@ -15,6 +15,7 @@ from cnnkit.data.decode import ImageReadError, to_input_tensor
 from cnnkit.data.folder import display_name
 from cnnkit.data.memory import Normalizer
 from cnnkit.device import ExecutionContext
+from cnnkit.evaluate.metrics import ranked_classes
 
 
 @torch.no_grad()  # not inference_mode: backbone features from here are trained on later
@@ -63,9 +64,8 @@ def top_k(
     """For each row of (N, classes) probabilities, the ``k`` most likely (class, probability),
     most likely first (k is capped at the number of classes)."""
     probs = torch.as_tensor(probabilities).float().cpu()
-    # a stable sort: on ties the lower class index first, as evaluation's ranking
-    values, indices = probs.sort(dim=1, descending=True, stable=True)
-    values, indices = values[:, : min(k, len(classes))], indices[:, : min(k, len(classes))]
+    indices = ranked_classes(probs, min(k, len(classes)))  # ties broken as evaluation does
+    values = probs.gather(1, indices)
     return [
         [(classes[j], float(p)) for p, j in zip(v.tolist(), i.tolist(), strict=True)]
         for v, i in zip(values, indices, strict=True)
