@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cnnkit import commands
@@ -67,6 +68,14 @@ def _add_train(sub) -> None:
         help="any setting by dotted name, e.g. --set optim.lr=3e-4 (repeatable)",
     )
     p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        metavar="N",
+        help="train in N processes on this machine (data-parallel: one per GPU, or CPU "
+        "processes sharing the cores), started through torch's elastic launcher; the "
+        "same as 'torchrun --nproc-per-node N -m cnnkit train ...'",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run --name")
     p.add_argument("--quiet", action="store_true", help="print only errors and the summary")
 
@@ -263,6 +272,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc passes on
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -278,8 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         ImportError,
     ) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {message}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))  # a torchrun worker's rank
+        if rank and (_same_on_every_rank(e) or type(e).__name__ == "MainRankFailed"):
+            return 1  # rank 0 says it; N copies of one line would only bury it
+        print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)
         return 1
+
+
+def _same_on_every_rank(error: Exception) -> bool:
+    """Errors of the input (settings, data, files): every worker meets the same one."""
+    return isinstance(error, ValueError | KeyError | FileNotFoundError | FileExistsError)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,63 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The train command line with --nproc N (or --nproc=N) taken out: the workers' one."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _launch_workers(args, settings: dict) -> int:
+    """``cnnkit train --nproc N``: the same command in N worker processes."""
+    from cnnkit.device import resolve_device
+    from cnnkit.train import distributed
+
+    if distributed.launched():
+        raise ValueError(
+            "--nproc starts its own worker processes; under torchrun leave it out "
+            "(torchrun's --nproc-per-node says how many)"
+        )
+    device = resolve_device(str(settings.get("train.device", "auto")))
+    if device.type == "cuda":
+        import torch
+
+        if args.nproc > torch.cuda.device_count():
+            raise ValueError(
+                f"--nproc {args.nproc} but this machine has {torch.cuda.device_count()} "
+                "GPU(s): one process per GPU at most (or --device cpu)"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"--nproc trains on CUDA GPUs or CPUs, not {device.type}; --device cpu")
+    code, message = distributed.launch(args.nproc, _without_nproc(args.argv))
+    if message:
+        print(f"{'error: ' if code != 130 else ''}{message}", file=sys.stderr)
+    return code
+
+
+def _lost_contact(error: RuntimeError) -> RuntimeError | None:
+    """A clear error for a collective that failed because another worker stopped."""
+    from cnnkit.train import distributed
+
+    names = {klass.__name__ for klass in type(error).__mro__}
+    if not distributed.launched() or not names & {"DistBackendError", "DistNetworkError"}:
+        return None
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RuntimeError(
+        f"lost contact with the other training processes (one stopped, failed or timed "
+        f"out; CNNKIT_DIST_TIMEOUT bounds the wait): {first}"
+    )
 
 
 def cmd_train(args) -> int:
@@ -18,6 +73,9 @@ def cmd_train(args) -> int:
             raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
         settings[key.strip()] = value.strip()
+    if args.nproc and args.nproc > 1:
+        return _launch_workers(args, settings)
+    rank = int(os.environ.get("RANK", "0"))
     try:
         if args.resume:
             if args.config:
@@ -27,11 +85,18 @@ def cmd_train(args) -> int:
             recipe = load_config(args.config) if args.config else {}
             cfg = apply_overrides(apply_overrides(Config(), recipe), settings)
             run = cnnkit.train(cfg, overwrite=args.overwrite, quiet=args.quiet)
+    except RuntimeError as e:
+        raise _lost_contact(e) or e from None
     except TrainingInterrupted as e:
+        if rank:  # rank 0 says it
+            return 130
         run_dir = e.checkpoint.parent
+        workers = int(os.environ.get("WORLD_SIZE", "1"))
+        on_one_machine = workers == int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        how = f" --nproc {workers}" if workers > 1 and on_one_machine else ""
         print(
             f"\nInterrupted at epoch {e.epoch + 1}, step {e.step}/{e.steps}. "
-            f"Saved {e.checkpoint}.\nResume with: cnnkit train --resume {run_dir}",
+            f"Saved {e.checkpoint}.\nResume with: cnnkit train --resume {run_dir}{how}",
             file=sys.stderr,
         )
         return 130

@@ -144,8 +144,9 @@ class TrainConfig:
     epochs: int = setting(5, "number of epochs (default 5)", check=_POSITIVE)
     batch_size: int | str = setting(
         32,
-        "batch size (default 32), or auto: the largest power of two that fits "
-        "the device's free memory, up to 256 on a GPU and 32 on a CPU",
+        "batch size of each step over all processes (default 32), or auto: the largest "
+        "power of two that fits the device's free memory, up to 256 on a GPU and 32 on a "
+        "CPU (per process)",
         check=(lambda v: v == "auto" or v > 0, "must be positive, or auto"),
     )
     seed: int = setting(0, "random seed for the split, initialisation, shuffling, augmentation")
@@ -186,6 +187,11 @@ class TrainConfig:
         "shuffle",
         "shuffle or balanced (every class drawn equally often)",
         choices=("shuffle", "balanced"),
+    )
+    sync_bn: bool = setting(
+        False,
+        "several processes: BatchNorm statistics over the whole global batch "
+        "(SyncBatchNorm; CUDA GPUs only) instead of each process's share",
     )
 
 

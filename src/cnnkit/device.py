@@ -181,6 +181,26 @@ def precision_label(asked: str, dtype: torch.dtype, device: torch.device) -> str
 
 
 @dataclasses.dataclass(frozen=True)
+class World:
+    """The processes a run trains in: one, or a data-parallel group joined through
+    torch.distributed (train/distributed.py makes it). ``rank`` 0 is the one writer."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # on this machine
+    local_size: int = 1  # processes on this machine
+    backend: str | None = None  # 'gloo' or 'nccl' when distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+@dataclasses.dataclass(frozen=True)
 class ExecutionContext:
     """How a run computes, decided once: every part of a run asks this object rather than
     deciding again (and perhaps differently) from the settings."""
@@ -193,6 +213,7 @@ class ExecutionContext:
     eval_batch: int  # images per batch in validation, evaluation and prediction
     eval_batch_limit: int  # the setting eval_batch came from (feature vectors use it as is)
     threads: int  # intra-op threads on the CPU
+    world: World = World()  # the processes training together (one unless distributed)
 
     @classmethod
     def resolve(
@@ -204,6 +225,7 @@ class ExecutionContext:
         eval_batch_size: int = 1000,
         model: torch.nn.Module | None = None,
         image_size: tuple[int, int] | None = None,
+        world: World | None = None,
     ) -> ExecutionContext:
         """The context for ``model`` on images of ``image_size`` (H, W), from the settings
         (train.device, train.precision, train.compile, train.eval_batch_size)."""
@@ -220,6 +242,7 @@ class ExecutionContext:
             eval_batch=eval_batch,
             eval_batch_limit=eval_batch_size,
             threads=torch.get_num_threads(),
+            world=world or World(),
         )
 
     def for_features(self) -> ExecutionContext:

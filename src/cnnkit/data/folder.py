@@ -32,6 +32,7 @@ the doctor's findings are shown the same way.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -41,6 +42,7 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -482,11 +484,54 @@ def decode_images(
     cache = decoded_cache_dir()
     array_path, meta_path = cache / f"{key}.npy", cache / f"{key}.json"
     budget = memory_budget if memory_budget is not None else _memory_budget()
-    if array_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        return DecodedImages(_load(array_path, budget), meta["kept"], meta["errors"], 0.0, True)
-
+    cached = _from_cache(array_path, meta_path, budget)
+    if cached is not None:
+        return cached
     cache.mkdir(parents=True, exist_ok=True)
+    with _decoding_lock(cache / f".{key}.lock"):
+        # another process may have built it while this one waited for the lock
+        cached = _from_cache(array_path, meta_path, budget)
+        if cached is not None:
+            return cached
+        return _decode_into_cache(paths, channels, size, workers, array_path, meta_path, budget)
+
+
+def _from_cache(array_path: Path, meta_path: Path, budget: int) -> DecodedImages | None:
+    if not (array_path.exists() and meta_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    return DecodedImages(_load(array_path, budget), meta["kept"], meta["errors"], 0.0, True)
+
+
+@contextlib.contextmanager
+def _decoding_lock(path: Path) -> Iterator[None]:
+    """One process at a time decodes a set of files; the others wait, then map the same
+    cache file: the workers of a distributed run on one machine decode it once, not once
+    each, and so do two runs started together. (An advisory lock: POSIX only.)"""
+    try:
+        import fcntl
+    except ImportError:  # Windows: each process decodes; the cache file is replaced whole
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with progress("waiting for another process decoding these files", None, summary=False):
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _decode_into_cache(
+    paths: list[Path],
+    channels: int,
+    size: int,
+    workers: int | None,
+    array_path: Path,
+    meta_path: Path,
+    budget: int,
+) -> DecodedImages:
+    cache, key = array_path.parent, array_path.stem
     n = len(paths)
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{key}.", suffix=".npy")
     os.close(fd)
@@ -532,14 +577,17 @@ def decode_images(
 
 
 def _memory_budget() -> int:
-    """Bytes of decoded images to hold in memory: a third of the machine's RAM, or
-    $CNNKIT_MEMORY_BUDGET (bytes)."""
+    """Bytes of decoded images one process holds in memory: a third of the machine's RAM
+    shared by the training processes on it (torchrun's LOCAL_WORLD_SIZE), or
+    $CNNKIT_MEMORY_BUDGET (bytes). Above it the cache stays memory-mapped, and the
+    processes share the one copy in the page cache."""
     if os.environ.get("CNNKIT_MEMORY_BUDGET"):
         return int(float(os.environ["CNNKIT_MEMORY_BUDGET"]))
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3 // processes
     except (ValueError, OSError, AttributeError):
-        return 4 << 30
+        return (4 << 30) // processes
 
 
 def _load(path: Path, budget: int) -> np.ndarray:

@@ -6,6 +6,10 @@ fine-tune: "head" trains a new classifier on the frozen backbone (on backbone fe
 computed once, when there is no augmentation: seconds instead of minutes on a CPU), then
 "finetune" unfreezes the backbone (or its last N blocks) and trains it with a lower,
 layer-wise decaying learning rate. best.pt is the best validation epoch of either stage.
+
+Under torchrun (or ``cnnkit train --nproc N``) every process runs these same functions:
+each loads the data and builds the model; rank 0 alone makes the run directory, writes
+its files and prints (distributed.py).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from cnnkit.config import Config, apply_overrides, dump_config, load_config, res
 from cnnkit.data import DataSplits
 from cnnkit.data.doctor import quick_check
 from cnnkit.data.resolve import load_data, weights_preprocessing
-from cnnkit.device import ExecutionContext, resolve_device
+from cnnkit.device import ExecutionContext, World
 from cnnkit.models import create_model
 from cnnkit.progress import silenced
 from cnnkit.runs.checkpoint import Checkpoint, describe_run, read_checkpoint
@@ -41,6 +45,7 @@ from cnnkit.runs.directory import (
 )
 from cnnkit.runs.run import Run, load_run
 
+from . import distributed
 from .autobatch import choose_batch_size
 from .hooks import ConsoleProgress, Hook, MetricsCSV, TextLog
 from .loop import TrainState, fit
@@ -76,12 +81,19 @@ class _Plan:
     description: dict  # what each checkpoint says of the run
     stages: list[Stage]
     batch_note: str  # why the batch size, when --batch-size auto chose it
+    world_note: str  # the processes and their devices, when there are several
 
 
-def _plan_run(cfg: Config, run_dir: Path, resume: Checkpoint | None) -> _Plan:
+def _plan_run(
+    cfg: Config, run_dir: Path, resume: Checkpoint | None, world: World, device: torch.device
+) -> _Plan:
     """Load the data, build the model, resolve the execution context and the batch size
     (once: config.yaml then keeps the number), plan the stages."""
-    device = resolve_device(cfg.train.device)  # an unavailable device fails before any work
+    if cfg.train.sync_bn and world.distributed and device.type != "cuda":
+        raise ValueError(
+            "--sync-bn needs CUDA GPUs: PyTorch's SyncBatchNorm does not run on CPUs. Leave "
+            "it off; each process then normalises over its share of the batch"
+        )
     pre = weights_preprocessing(cfg)
     data = load_data(
         cfg,
@@ -99,23 +111,55 @@ def _plan_run(cfg: Config, run_dir: Path, resume: Checkpoint | None) -> _Plan:
         eval_batch_size=t.eval_batch_size,
         model=model,
         image_size=data.shape[1:],
+        world=world,
     )
     batch_note = ""
     if t.batch_size == "auto":
         cfg, batch_note = _auto_batch_size(cfg, data, model, ctx)
-        dump_config(cfg, run_dir / CONFIG_FILE)
+        if world.is_main:
+            dump_config(cfg, run_dir / CONFIG_FILE)
+    if world.distributed and cfg.train.batch_size < world.size:
+        raise ValueError(
+            f"--batch-size {cfg.train.batch_size} is the batch of all {world.size} processes "
+            f"together; give each at least one image (--batch-size {world.size} or more)"
+        )
     stages = plan_stages(cfg, data, model)
-    return _Plan(cfg, data, model, ctx, describe_run(cfg, data, model, pre), stages, batch_note)
+    description = describe_run(cfg, data, model, pre)
+    return _Plan(cfg, data, model, ctx, description, stages, batch_note, _describe_world(cfg, ctx))
 
 
 def _auto_batch_size(
     cfg: Config, data: DataSplits, model: nn.Module, ctx: ExecutionContext
 ) -> tuple[Config, str]:
+    """The largest batch that fits one device; over several processes, rank 0's choice
+    for each of them, so the global batch is that times the world size."""
     choice = choose_batch_size(
         model.to(ctx.device), data.shape, len(data.train), ctx.device, ctx.dtype
     )
-    train_cfg = dataclasses.replace(cfg.train, batch_size=choice.batch_size)
-    return dataclasses.replace(cfg, train=train_cfg), f" ({choice.reason})"
+    size, reason = distributed.from_main((choice.batch_size, choice.reason), ctx.world)
+    n = ctx.world.size
+    note = f" ({reason})" if n == 1 else f" ({reason}; {size} per process x {n})"
+    train_cfg = dataclasses.replace(cfg.train, batch_size=size * n)
+    return dataclasses.replace(cfg, train=train_cfg), note
+
+
+def _describe_world(cfg: Config, ctx: ExecutionContext) -> str:
+    """'4 processes on 2 machines (nccl): cuda:0, cuda:1 on each; global batch 256 = 64
+    per process; lr 0.001 as given (not scaled)' for the header; '' for one process."""
+    world = ctx.world
+    if not world.distributed:
+        return ""
+    devices = distributed.gather_objects(str(ctx.device), world)
+    machines = max(1, world.size // max(world.local_size, 1))
+    where = ", ".join(dict.fromkeys(devices))
+    batch = cfg.train.batch_size
+    low, high = batch // world.size, -(-batch // world.size)
+    per = f"{low}" if low == high else f"{low}-{high}"
+    sync = ", BatchNorm synchronised" if cfg.train.sync_bn else ", BatchNorm per process"
+    return (
+        f"{world.size} processes on {machines} machine(s) ({world.backend}): {where}; global "
+        f"batch {batch} = {per} per process{sync}; lr {cfg.optim.lr:g} as given (not scaled)"
+    )
 
 
 def _header(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> None:
@@ -155,6 +199,10 @@ def _header(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> None:
         f"{cfg.optim.optimizer} lr {cfg.optim.lr:g} ({cfg.optim.schedule}), augment "
         f"{'/'.join(dict.fromkeys(s.augment for s in plan.stages))}, on {plan.ctx.describe()}"
     )
+    if plan.world_note:
+        say(f"world  {plan.world_note}")
+    elif cfg.train.sync_bn:
+        say("       --sync-bn: one process, so BatchNorm already sees the whole batch")
     say(f"run    {run_dir}")
 
 
@@ -209,6 +257,7 @@ def _train_stages(
         )
         if state.stop_reason == "diverged":
             break
+    distributed.barrier(plan.ctx.world)  # rank 0 has written the last files
     return state
 
 
@@ -217,28 +266,33 @@ def _run_training(
     run_dir: Path,
     quiet: bool,
     hooks: list[Hook],
+    where: tuple[World, torch.device],
     resume: Checkpoint | None = None,
     notes: tuple[str, ...] = (),
 ) -> Run:
     """Set the run up, print its header, train its stages, summarise; the trained Run.
-    ``notes`` are said first (console and train.log)."""
-    text_log = TextLog(run_dir / LOG_FILE)
-    all_hooks = [ConsoleProgress(quiet=quiet), MetricsCSV(run_dir / METRICS_FILE), text_log]
-    all_hooks += hooks
+    ``where``: the world and this process's device (distributed.join). ``notes`` are said
+    first (console and train.log). Only rank 0 has hooks (prints and writes)."""
+    world, device = where
+    text_log = TextLog(run_dir / LOG_FILE) if world.is_main else None
+    all_hooks = []
+    if world.is_main:
+        all_hooks = [ConsoleProgress(quiet=quiet), MetricsCSV(run_dir / METRICS_FILE), text_log]
+        all_hooks += hooks
 
     def say(text: str) -> None:
         for h in all_hooks:
             h.message(text)
 
-    # --quiet: no progress bars either (decoding, backbone features)
-    quiet_progress = silenced() if quiet else contextlib.nullcontext()
+    # --quiet: no progress bars either (decoding, backbone features); nor on ranks but 0
+    quiet_progress = silenced() if quiet or not world.is_main else contextlib.nullcontext()
     try:
         with quiet_progress:
             for note in notes:
                 say(note)
-            plan = _plan_run(cfg, run_dir, resume)
+            plan = _plan_run(cfg, run_dir, resume, world, device)
             new_folder_run = plan.data.files is not None and not (run_dir / SPLIT_FILE).exists()
-            if new_folder_run:
+            if new_folder_run and world.is_main:
                 save_split(plan.data, run_dir / SPLIT_FILE)
             _header(plan, run_dir, say)
             if new_folder_run:
@@ -250,7 +304,8 @@ def _run_training(
             if state is not None:
                 _summarise(state, run_dir, say)
     finally:
-        text_log.close()
+        if text_log is not None:
+            text_log.close()
     return load_run(run_dir, device=str(plan.ctx.device))
 
 
@@ -295,18 +350,31 @@ def train(
     model="seed-cnn", epochs=5, lr=1e-3)`` or ``train(**{"optim.lr": 1e-3})``.
     """
     cfg = apply_overrides(config or Config(), settings)
-    run_dir, replaced = make_run_dir(cfg, overwrite)
-    try:
-        dump_config(cfg, run_dir / CONFIG_FILE)
-        return _run_training(cfg, run_dir, quiet, list(hooks))
-    except BaseException:  # Ctrl-C during set-up too
-        _remove_unstarted_run(run_dir)
-        if replaced is not None and not run_dir.exists():
-            replaced.rename(run_dir)  # the new run never started: the old one comes back
-        raise
-    finally:
-        if replaced is not None and replaced.exists():
-            shutil.rmtree(replaced, ignore_errors=True)  # the new run has a checkpoint
+    with distributed.joined(cfg.train.device) as (world, device):
+        if distributed.restart_count():  # torchrun restarted the job: resume its run
+            started = distributed.elastic_run(Path(cfg.run.runs_dir), cfg.run.name)
+            if started is not None:
+                return resume(started, quiet=quiet, hooks=hooks)
+        run_dir, replaced = distributed.on_main(lambda: make_run_dir(cfg, overwrite), world)
+        try:
+            distributed.on_main(lambda: _start_run_dir(cfg, run_dir, world), world)
+            return _run_training(cfg, run_dir, quiet, list(hooks), (world, device))
+        except BaseException:  # Ctrl-C during set-up too
+            if world.is_main:
+                _remove_unstarted_run(run_dir)
+                if replaced is not None and not run_dir.exists():
+                    replaced.rename(run_dir)  # the new run never started: the old one is back
+            raise
+        finally:
+            if world.is_main and replaced is not None and replaced.exists():
+                shutil.rmtree(replaced, ignore_errors=True)  # the new run has a checkpoint
+
+
+def _start_run_dir(cfg: Config, run_dir: Path, world: World) -> None:
+    """config.yaml, and what torchrun's restarts and --nproc's messages need to find it."""
+    dump_config(cfg, run_dir / CONFIG_FILE)
+    distributed.mark_elastic_run(run_dir, world)
+    distributed.tell_launcher(run_dir, world)
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -354,14 +422,19 @@ def _restart(run_dir: Path, quiet: bool, hooks: list[Hook], settings: dict) -> R
         )
     _check_resumable_settings(settings)
     cfg = apply_overrides(apply_overrides(Config(), load_config(config_file)), settings)
-    # Rows without a checkpoint are of an epoch that is trained again: not kept twice.
-    (run_dir / METRICS_FILE).unlink(missing_ok=True)
-    dump_config(cfg, config_file)
     note = (
         f"restart {run_dir} holds config.yaml but no checkpoint (it stopped before its "
         "first epoch ended): training it from the start with its config.yaml"
     )
-    return _run_training(cfg, run_dir, quiet, list(hooks), notes=(note,))
+
+    def start_again() -> None:
+        # Rows without a checkpoint are of an epoch that is trained again: not kept twice.
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        dump_config(cfg, config_file)
+
+    with distributed.joined(cfg.train.device) as (world, device):
+        distributed.on_main(start_again, world)
+        return _run_training(cfg, run_dir, quiet, list(hooks), (world, device), notes=(note,))
 
 
 def resume(path: str | Path, *, quiet: bool = False, hooks: list[Hook] = (), **settings):
@@ -391,6 +464,12 @@ def resume(path: str | Path, *, quiet: bool = False, hooks: list[Hook] = (), **s
             f"{run_dir} already finished its {stage_epochs} epochs; pass a larger --epochs "
             "to train longer"
         )
-    dump_config(cfg, run_dir / CONFIG_FILE)
-    rewrite_metrics(run_dir / METRICS_FILE, state["history"])
-    return _run_training(cfg, run_dir, quiet, list(hooks), resume=ckpt)
+
+    def carry_on() -> None:
+        dump_config(cfg, run_dir / CONFIG_FILE)
+        rewrite_metrics(run_dir / METRICS_FILE, state["history"])
+        distributed.tell_launcher(run_dir, world)
+
+    with distributed.joined(cfg.train.device) as (world, device):
+        distributed.on_main(carry_on, world)
+        return _run_training(cfg, run_dir, quiet, list(hooks), (world, device), resume=ckpt)

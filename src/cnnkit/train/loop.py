@@ -10,6 +10,10 @@ CUDA events, so its seconds are the GPU's, whatever the host did meanwhile.
 Resuming is exact: each epoch's shuffle and augmentation come from a generator seeded by
 (seed, epoch), and an interrupted epoch saves its permutation, running sums and RNG states,
 so a resumed run takes the same steps as one that never stopped.
+
+Across several processes (distributed.py says how): each rank takes its share of every
+global batch of the same permutation, DDP averages the gradients, the epoch's sums are
+added over the ranks, validation is split between them, and rank 0 alone saves.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cnnkit.config import Config
 from cnnkit.data.augment import train_transform
@@ -34,6 +39,7 @@ from cnnkit.device import ExecutionContext, free_memory_bytes, tune_allocator
 from cnnkit.runs.checkpoint import checkpoint_payload, save_checkpoint
 from cnnkit.runs.inference import batched_logits
 
+from . import distributed
 from .hooks import Hook
 from .optim import build_optimizer, build_schedule
 from .stages import Stage
@@ -73,31 +79,42 @@ class TrainState:
         return dict(self.__dict__)
 
 
-class _StopOnSigint:
-    """First Ctrl-C asks the loop to stop at the next step boundary (it then saves);
-    a second one aborts at once."""
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler ending the job) asks the loop to stop at the
+    next step boundary, where it saves; a second Ctrl-C aborts at once. Not in a
+    distributed worker: its launcher passes the signal on as well, and kills it if it
+    takes too long."""
 
-    def __init__(self, hooks: list[Hook]):
+    def __init__(self, hooks: list[Hook], repeat_aborts: bool = True):
         self.requested = False
         self.hooks = hooks
+        self.repeat_aborts = repeat_aborts
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            if self.repeat_aborts and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = True
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = " (press again to abort)" if self.repeat_aborts else ""
         for h in self.hooks:
-            h.message("Ctrl-C: saving a resumable checkpoint (press again to abort)...")
+            h.message(f"{name}: saving a resumable checkpoint{again}...")
 
     @contextmanager
     def installed(self):
         if threading.current_thread() is not threading.main_thread():
             yield self  # signals can only be handled in the main thread
             return
-        previous = signal.signal(signal.SIGINT, self._handler)
+        previous = {sig: signal.signal(sig, self._handler) for sig in _STOP_SIGNALS}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
@@ -105,6 +122,14 @@ def _seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
     base = seed * 1_000_003 + epoch
     torch.manual_seed(base)  # dropout and other layers draw from the global RNG
     generator.manual_seed(base + 1)  # shuffling and augmentation
+
+
+def _seed_rank(seed: int, epoch: int, rank: int, generator: torch.Generator) -> None:
+    """After the shared permutation, each rank's own augmentation and dropout draws: the
+    same stream on every rank would augment the k-th image of every share alike."""
+    base = (seed * 1_000_003 + epoch) * 65_537 + rank + (1 << 40)  # apart from _seed_epoch's
+    torch.manual_seed(base)
+    generator.manual_seed(base + 1)
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -167,10 +192,12 @@ class _Setup:
 
     model: nn.Module  # what is trained
     saved_model: nn.Module  # what the checkpoints save (the whole model, around a head)
-    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, compiled if asked
+    forward: Callable[[torch.Tensor], torch.Tensor]  # training: in DDP, compiled if asked
+    eval_forward: Callable[[torch.Tensor], torch.Tensor]  # validation: no DDP (no collectives)
     train: ImageTensors  # on the device when it fits there, else in host memory
     resident: bool
-    val: ImageTensors | None  # on the device
+    val: ImageTensors | None  # on the device: this rank's share of the validation split
+    val_size: int  # images in the whole validation split
     normalizer: Normalizer
     augment: Callable | None
     optimizer: torch.optim.Optimizer
@@ -179,8 +206,9 @@ class _Setup:
     monitor: str  # the value that picks best.pt
     loss_weights: torch.Tensor | None
     sample_weights: torch.Tensor | None  # balanced sampling: each image's chance
-    batch_size: int
+    batch_size: int  # the global batch
     steps: int  # per epoch
+    world: distributed.World
 
 
 def _prepare(
@@ -192,9 +220,21 @@ def _prepare(
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotune each conv once
     if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
+    world = ctx.world
+    trained: nn.Module = model
+    if world.distributed and cfg.train.sync_bn:  # statistics over the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place: same parameters
+    if world.distributed:
+        # DDP broadcasts rank 0's weights and averages every step's gradients (gradient
+        # buckets at PyTorch's defaults).
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=device_ids)
     # Static shapes: one graph for the full batch and one for the short last batch, each
     # specialised, rather than a shape-generic graph that would then serve every batch.
-    forward = torch.compile(model, dynamic=False) if ctx.compile else model
+    forward = torch.compile(trained, dynamic=False) if ctx.compile else trained
+    eval_forward = forward
+    if world.distributed:  # validation runs on shares of different sizes: no DDP
+        eval_forward = torch.compile(model, dynamic=False) if ctx.compile else model
     # Data that fits stays on the device; a larger set stays in host (or mapped) memory and
     # each batch moves alone.
     resident = _fits_on(device, data.train.images.nbytes)
@@ -204,7 +244,11 @@ def _prepare(
         augment = train_transform(stage.augment, data.stored_size, data.shape[1:])
     steps = math.ceil(len(train) / cfg.train.batch_size)
     optimizer = build_optimizer(model, cfg.optim, lr=stage.lr, param_groups=stage.param_groups)
-    val = data.val.to(device) if data.val is not None and len(data.val) else None
+    val, val_size = None, 0
+    if data.val is not None and len(data.val):
+        val_size = len(data.val)
+        mine = distributed.share(val_size, world)
+        val = data.val.subset(torch.arange(mine.start, mine.stop)).to(device)
     weights = None  # inverse class frequencies, for the weighted loss or balanced sampling
     if cfg.train.class_weights == "auto" or cfg.train.sampler == "balanced":
         weights = class_weights(train.labels, len(data.classes))
@@ -212,24 +256,25 @@ def _prepare(
         model=model,
         saved_model=saved_model,
         forward=forward,
+        eval_forward=eval_forward,
         train=train,
         resident=resident,
         val=val,
+        val_size=val_size,
         normalizer=Normalizer(data.mean, data.std, device, crop=data.input_size),
         augment=augment,
         optimizer=optimizer,
         schedule=build_schedule(optimizer, cfg.optim, stage.epochs, steps),
         generator=torch.Generator(device=device),
         # Without a validation split, best.pt follows the training metrics (and says so).
-        monitor=cfg.train.monitor
-        if val is not None
-        else cfg.train.monitor.replace("val_", "train_"),
+        monitor=cfg.train.monitor if val_size else cfg.train.monitor.replace("val_", "train_"),
         loss_weights=weights.to(device) if cfg.train.class_weights == "auto" else None,
         sample_weights=weights[train.labels].to(device)
         if cfg.train.sampler == "balanced"
         else None,
         batch_size=cfg.train.batch_size,
         steps=steps,
+        world=world,
     )
 
 
@@ -243,7 +288,10 @@ def _restore(
         setup.schedule.load_state_dict(resume["schedule"])
         state = TrainState(**resume["state"])
         if state.sums is not None:
-            state.perm, state.sums = state.perm.to(device), state.sums.to(device)
+            # The sums saved are the whole epoch's so far: rank 0 carries them on, the
+            # others start from zero (the end of the epoch adds them up).
+            sums = state.sums if setup.world.is_main else torch.zeros_like(state.sums)
+            state.perm, state.sums = state.perm.to(device), sums.to(device)
         return state
     state = TrainState(stage=stage.name)
     if previous is not None:
@@ -253,11 +301,23 @@ def _restore(
     return state
 
 
-def _epoch_order(setup: _Setup, state: TrainState, seed: int, number: int, device):
+def _epoch_order(setup: _Setup, state: TrainState, seed: int, number: int, device, hooks):
     """(the epoch's order of images, its running sums): drawn fresh from (seed, epoch), or
     an interrupted epoch's, with its RNG states, to continue exactly where it stopped."""
+    world = setup.world
     if state.step:
-        _set_rng_state(state.rng, setup.generator, device)
+        rng = state.rng.get("ranks", [state.rng])  # one state per rank (several processes)
+        if len(rng) == world.size:
+            _set_rng_state(rng[world.rank], setup.generator, device)
+        else:  # the order of images is the saved one; the random draws cannot be
+            _seed_rank(seed, number, world.rank, setup.generator)
+            _tell(
+                hooks,
+                "message",
+                f"resumed mid-epoch on {world.size} process(es) after saving on {len(rng)}: "
+                "the rest of this epoch takes the same images in the same order, with other "
+                "augmentation and dropout draws than an uninterrupted run",
+            )
         return state.perm, state.sums
     _seed_epoch(seed, number, setup.generator)
     n = len(setup.train)
@@ -267,12 +327,22 @@ def _epoch_order(setup: _Setup, state: TrainState, seed: int, number: int, devic
         perm = torch.multinomial(
             setup.sample_weights, n, replacement=True, generator=setup.generator
         )
+    if world.distributed:
+        _seed_rank(seed, number, world.rank, setup.generator)
     return perm, torch.zeros(3, device=device)  # loss sum, correct, count
 
 
 def _draw_batch(setup: _Setup, perm: torch.Tensor, step: int, device):
-    """Images (normalised, augmented, laid out for the model) and labels of one step."""
+    """This rank's images of one step (normalised, augmented, laid out for the model), their
+    labels, the loss's divisor: the size of the global batch (its weight sum with class
+    weights), so that the shares' losses add up to the whole batch's mean; and that size."""
     index = perm[step * setup.batch_size : (step + 1) * setup.batch_size]
+    size = len(index)
+    if setup.loss_weights is None:
+        divisor = float(size)
+    else:
+        divisor = setup.loss_weights[setup.train.labels[index].to(device)].sum()
+    index = index[distributed.share(len(index), setup.world)]
     train, normalizer = setup.train, setup.normalizer
     if setup.resident:
         x, y = normalizer.to_unit(train.images[index]), train.labels[index]
@@ -282,32 +352,36 @@ def _draw_batch(setup: _Setup, perm: torch.Tensor, step: int, device):
         y = train.labels[index].to(device, non_blocking=True)
     if setup.augment is not None:
         x = setup.augment(x, setup.generator)
-    return normalizer.normalize(x), y
+    return normalizer.normalize(x), y, divisor, size
 
 
 def _train_step(
     setup: _Setup,
     ctx: ExecutionContext,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batch: tuple[torch.Tensor, torch.Tensor, float | torch.Tensor, int],
     sums: torch.Tensor,
     label_smoothing: float,
 ) -> None:
     """Forward, loss, backward, optimizer and schedule step; the loss and correct
     predictions are added to the on-device ``sums`` (no host sync here)."""
+    x, y, divisor, size = batch
     if ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with ctx.autocast():
         logits = setup.forward(x)
-        loss = F.cross_entropy(
-            logits, y, weight=setup.loss_weights, label_smoothing=label_smoothing
+        loss_sum = F.cross_entropy(
+            logits, y, weight=setup.loss_weights, label_smoothing=label_smoothing, reduction="sum"
         )
+    # The global batch's mean loss; DDP averages gradients over the ranks, hence the size.
+    loss = loss_sum * (setup.world.size / divisor)
     setup.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     setup.optimizer.step()
     setup.schedule.step()
     with torch.no_grad():
-        sums[0] += loss.detach().float() * len(y)
+        # this share's part of (the batch's mean loss x its images): summed over the
+        # ranks, the same as one process adds
+        sums[0] += loss_sum.detach().float() * (size / divisor)
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
 
@@ -315,8 +389,9 @@ def _train_step(
 def _epoch_row(
     setup: _Setup, stage: Stage, number: int, sums: torch.Tensor, seconds: float, partial: bool
 ) -> dict:
-    """metrics.csv's row for an epoch, from its device-side sums (the epoch's host sync)."""
-    loss_sum, correct, count = sums.tolist()
+    """metrics.csv's row for an epoch, from its device-side sums, added over the ranks (the
+    epoch's host sync)."""
+    loss_sum, correct, count = distributed.sum_values(sums.tolist(), setup.world)
     return {
         "epoch": number + 1,
         "stage": stage.name,
@@ -332,12 +407,18 @@ def _epoch_row(
 
 
 def _validate(setup: _Setup, ctx: ExecutionContext, row: dict) -> None:
-    if setup.val is None:
+    """Validation loss and accuracy. Each rank takes its share of the split (no image
+    twice, none left out) and the sums are added: the same numbers as one process."""
+    if not setup.val_size:
         return
-    val = setup.val
-    logits = batched_logits(setup.forward, val.images, setup.normalizer, ctx)
-    row["val_loss"] = F.cross_entropy(logits, val.labels).item()
-    row["val_acc"] = (logits.argmax(1) == val.labels).float().mean().item()
+    val, sums = setup.val, [0.0, 0.0]
+    if len(val):
+        logits = batched_logits(setup.eval_forward, val.images, setup.normalizer, ctx)
+        sums[0] = F.cross_entropy(logits, val.labels, reduction="sum").item()
+        sums[1] = (logits.argmax(1) == val.labels).sum().item()
+    loss_sum, correct = distributed.sum_values(sums, setup.world)
+    row["val_loss"] = loss_sum / setup.val_size
+    row["val_acc"] = correct / setup.val_size
 
 
 def _judge_epoch(state: TrainState, row: dict, monitor: str, patience: int | None) -> str:
@@ -372,6 +453,37 @@ def _save(setup: _Setup, state: TrainState, description: dict, path: Path, resum
     save_checkpoint(path, payload)
 
 
+def _save_interrupted(
+    setup: _Setup, state: TrainState, description: dict, path: Path, perm, sums
+) -> None:
+    """last.pt of an epoch stopped at ``state.step``: its permutation, the sums so far over
+    every rank, and each rank's RNG states; rank 0 writes it while the others wait."""
+    world = setup.world
+    state.perm = perm
+    state.sums = torch.tensor(
+        distributed.sum_values(sums.tolist(), world), dtype=sums.dtype, device=sums.device
+    )
+    rng = distributed.gather_objects(_rng_state(setup.generator, sums.device), world)
+    state.rng = {"ranks": rng} if world.distributed else rng[0]
+    if world.is_main:
+        _save(setup, state, description, path, resumable=True)
+    distributed.barrier(world)  # no rank ends (and is reaped) before the file is whole
+
+
+def _stop_flags(
+    stopper: _StopOnSignal, budget: float | None, budget_start: float, step: int, world
+) -> tuple[bool, bool]:
+    """(stop and save, time budget spent): on one process, asked at every step; on several,
+    every AGREE_EVERY steps, agreed by all (any rank's request stops them all)."""
+    spent = bool(budget) and time.perf_counter() - budget_start > budget
+    if not world.distributed:
+        return stopper.requested, spent
+    if step % distributed.AGREE_EVERY:
+        return False, False
+    requested, spent = distributed.any_rank([stopper.requested, spent], world)
+    return requested, spent
+
+
 def _tell(hooks: list[Hook], event: str, *args) -> None:
     for h in hooks:
         getattr(h, event)(*args)
@@ -400,7 +512,7 @@ def fit(
     save, when ``model`` is a part of it (a head trained on cached backbone features).
     """
     tune_allocator()
-    tc, device, hooks = cfg.train, ctx.device, list(hooks)
+    tc, device, hooks, world = cfg.train, ctx.device, list(hooks), ctx.world
     stage = stage or Stage(epochs=tc.epochs, augment=cfg.data.augment, lr=cfg.optim.lr)
     setup = _prepare(model, checkpoint_model or model, data, cfg, ctx, stage)
     state = _restore(setup, stage, previous, resume, device)
@@ -409,7 +521,7 @@ def fit(
     info = {"epochs": total_epochs, "steps": steps, "monitor": setup.monitor, "stage": stage.name}
     _tell(hooks, "on_train_start", info)
     budget_start = time.perf_counter() - state.elapsed
-    stopper = _StopOnSigint(hooks)
+    stopper = _StopOnSignal(hooks, repeat_aborts=not world.distributed)
     # With torch.compile, the first step of each fit() call compiles, and so does the first
     # short last batch: their time is reported apart (in the row of the epoch they fall in)
     # as well as counted in the training time.
@@ -421,34 +533,36 @@ def fit(
     with stopper.installed():
         while state.epoch < stage.epochs and state.stop_reason is None:
             number = state.epoch_offset + state.epoch  # 0-based, counted across stages
-            perm, sums = _epoch_order(setup, state, tc.seed, number, device)
+            perm, sums = _epoch_order(setup, state, tc.seed, number, device, hooks)
             _tell(hooks, "on_epoch_start", number, total_epochs, steps, state.step)
             model.train()
-            clock, partial, step = _EpochClock(device), False, state.step
+            clock, partial, step, begun = _EpochClock(device), False, state.step, state.step
             while step < steps:
-                if stopper.requested:  # save where the epoch is, then stop
-                    state.step, state.perm, state.sums = step, perm, sums
-                    state.rng = _rng_state(setup.generator, device)
+                interrupt, spent = _stop_flags(stopper, tc.time_budget, budget_start, step, world)
+                if interrupt:  # save where the epoch is, then stop
+                    state.step = step
                     state.epoch_seconds += clock.seconds()
                     state.elapsed = time.perf_counter() - budget_start
-                    _save(setup, state, description, last, resumable=True)
+                    _save_interrupted(setup, state, description, last, perm, sums)
                     _tell(hooks, "on_train_end", {"stopped": "interrupted"})
                     raise TrainingInterrupted(last, number, step, steps)
-                x, y = _draw_batch(setup, perm, step, device)
+                if spent and step > begun:  # the epoch ends early, after at least one step
+                    partial, state.stop_reason = True, "time_budget"
+                    break
+                batch = _draw_batch(setup, perm, step, device)
                 if step in compiling:  # time the step that compiles, apart
                     step_start = time.perf_counter()
-                    _train_step(setup, ctx, x, y, sums, cfg.optim.label_smoothing)
+                    _train_step(setup, ctx, batch, sums, cfg.optim.label_smoothing)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     compiling.discard(step)
                     compile_seconds = (compile_seconds or 0.0) + time.perf_counter() - step_start
                 else:
-                    _train_step(setup, ctx, x, y, sums, cfg.optim.label_smoothing)
+                    _train_step(setup, ctx, batch, sums, cfg.optim.label_smoothing)
                 _tell(hooks, "on_step", step, sums)
                 step += 1
-                if tc.time_budget and time.perf_counter() - budget_start > tc.time_budget:
-                    partial, state.stop_reason = step < steps, "time_budget"
-                    break
+            if step == steps and _stop_flags(stopper, tc.time_budget, budget_start, 0, world)[1]:
+                state.stop_reason = "time_budget"  # spent in the epoch's last step
 
             # ---- end of epoch: one host sync (the clock waits for the queued steps), the
             # training sums, then validation.
@@ -457,6 +571,7 @@ def fit(
             if compile_seconds is not None:
                 row["compile_seconds"], compile_seconds = compile_seconds, None
             _validate(setup, ctx, row)
+            row = distributed.from_main(row, world)  # one row, so one decision, on all ranks
             state.epoch, state.step = state.epoch + 1, 0
             state.perm = state.sums = state.rng = None
             state.epoch_seconds = 0.0
@@ -470,9 +585,10 @@ def fit(
                     f"training loss is {row['train_loss']} at {label}epoch {number + 1}: "
                     "the run diverged; lower the learning rate (--lr).",
                 )
-            elif verdict == "best":
+            elif verdict == "best" and world.is_main:
                 _save(setup, state, description, run_dir / "best.pt", resumable=False)
-            _save(setup, state, description, last, resumable=True)
+            if world.is_main:
+                _save(setup, state, description, last, resumable=True)
             _tell(hooks, "on_epoch_end", row)
 
     state.stop_reason = state.stop_reason or "completed"

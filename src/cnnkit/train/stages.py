@@ -18,6 +18,7 @@ from cnnkit.models.pretrained import BackboneClassifier
 from cnnkit.progress import progress
 from cnnkit.runs.inference import batched_forward
 
+from . import distributed
 from .optim import decay_groups
 
 
@@ -100,23 +101,26 @@ def backbone_features(
         model.to(memory_format=torch.channels_last)
     normalizer = Normalizer(data.mean, data.std, ctx.device, crop=data.input_size)
 
+    world = ctx.world
     parts = [p for p in (data.train, data.val) if p is not None]
     # Chunks of a few evaluation batches: the bar moves every second or so on a CPU.
     chunk = 4 * ctx.eval_batch
-    with progress("backbone features", sum(len(p) for p in parts), summary=False) as advance:
+    # Over several processes each computes its share of every split, then all gather them.
+    total = sum(len(range(len(p))[distributed.share(len(p), world)]) for p in parts)
+    with progress("backbone features", total, summary=False) as advance:
 
         def features(part: ImageTensors | None) -> ImageTensors | None:
             if part is None:
                 return None
-            if not len(part):
-                return ImageTensors(
-                    batched_forward(model.features, part.images, normalizer, ctx), part.labels
-                )
+            images = part.images[distributed.share(len(part), world)]
             out = []
-            for images in part.images.split(chunk):
-                out.append(batched_forward(model.features, images, normalizer, ctx))
-                advance(len(images))
-            return ImageTensors(torch.cat(out), part.labels)
+            for batch in images.split(chunk):
+                out.append(batched_forward(model.features, batch, normalizer, ctx))
+                advance(len(batch))
+            mine = (
+                torch.cat(out) if out else batched_forward(model.features, images, normalizer, ctx)
+            )
+            return ImageTensors(distributed.gather_rows(mine, world), part.labels)
 
         train, val = features(data.train), features(data.val)
     return DataSplits(
