@@ -42,7 +42,7 @@ def describe(device: torch.device, threads: int | None = None) -> str:
         line = ""
     model = line.split(":", 1)[-1].strip()
     threads = torch.get_num_threads() if threads is None else threads
-    return f"cpu ({model}, {threads} threads)" if model else "cpu"
+    return f"cpu ({model}, {threads} thread{'' if threads == 1 else 's'})" if model else "cpu"
 
 
 def free_memory_bytes(device: torch.device) -> int:

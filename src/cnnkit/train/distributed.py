@@ -250,7 +250,11 @@ def launch(nproc: int, argv: list[str]) -> tuple[int, str]:
     fd, run_dir_file = tempfile.mkstemp(prefix="cnnkit-launch-", suffix=".txt")
     os.close(fd)
     os.environ[RUN_DIR_FILE_ENV] = run_dir_file
+    # Seconds the workers get to save after Ctrl-C or SIGTERM before they are killed
+    # (torch's default is 30); older torch has no such setting.
+    grace = {"shutdown_timeout": 120} if "shutdown_timeout" in _fields(LaunchConfig) else {}
     config = LaunchConfig(
+        **grace,
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
@@ -284,6 +288,10 @@ def launch(nproc: int, argv: list[str]) -> tuple[int, str]:
         Path(run_dir_file).unlink(missing_ok=True)
 
 
+def _fields(klass) -> set[str]:
+    return set(getattr(klass, "__dataclass_fields__", {}))
+
+
 def _resume_hint(run_dir_file: str, nproc: int, what: str) -> str:
     run_dir = Path(run_dir_file).read_text().strip() if Path(run_dir_file).exists() else ""
     if run_dir and (Path(run_dir) / "last.pt").exists():
@@ -313,7 +321,7 @@ def mark_elastic_run(run_dir: Path, world: World) -> None:
     """Record torchrun's job id in the run directory, so that restarted workers of the
     same job find the run to resume (rank 0)."""
     job = os.environ.get("TORCHELASTIC_RUN_ID")
-    if job and world.is_main:
+    if job and job != "none" and world.is_main:
         (run_dir / ELASTIC_MARKER).write_text(json.dumps({"run_id": job}))
 
 
@@ -324,6 +332,8 @@ def elastic_run(runs_dir: Path, name: str | None) -> Path | None:
         path = runs_dir / name
         return path if path.is_dir() else None
     job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job in (None, "", "none"):  # torchrun's default --rdzv-id: shared by every job
+        return None
     found = []
     for marker in runs_dir.glob(f"*/{ELASTIC_MARKER}"):
         try:

@@ -341,7 +341,8 @@ def _draw_batch(setup: _Setup, perm: torch.Tensor, step: int, device):
     if setup.loss_weights is None:
         divisor = float(size)
     else:
-        divisor = setup.loss_weights[setup.train.labels[index].to(device)].sum()
+        labels = setup.train.labels  # on the device, or in host memory with the images
+        divisor = setup.loss_weights[labels[index.to(labels.device)].to(device)].sum()
     index = index[distributed.share(len(index), setup.world)]
     train, normalizer = setup.train, setup.normalizer
     if setup.resident:
