@@ -289,15 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         rank = int(os.environ.get("RANK", "0"))  # a torchrun worker's rank
-        if rank and (_same_on_every_rank(e) or type(e).__name__ == "MainRankFailed"):
-            return 1  # rank 0 says it; N copies of one line would only bury it
+        if rank and _said_by_rank_0(e):
+            return 1  # N copies of one line would only bury it
         print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)
         return 1
 
 
-def _same_on_every_rank(error: Exception) -> bool:
-    """Errors of the input (settings, data, files): every worker meets the same one."""
-    return isinstance(error, ValueError | KeyError | FileNotFoundError | FileExistsError)
+def _said_by_rank_0(error: Exception) -> bool:
+    """Errors every worker meets alike, which rank 0 reports: rank 0's own failure passed
+    on, and errors before the process group (the settings, read alike by all)."""
+    from cnnkit.train import distributed
+
+    return isinstance(error, distributed.MainRankFailed) or not distributed.ever_joined()
 
 
 if __name__ == "__main__":

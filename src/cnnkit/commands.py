@@ -9,21 +9,23 @@ from pathlib import Path
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
-    """The train command line with --nproc N (or --nproc=N) taken out: the workers' one."""
+    """The train command line with --nproc N (or --nproc=N, or an abbreviation argparse
+    took for it, such as --np) taken out: the workers' one."""
     out, skip = [], False
     for arg in argv:
+        flag = arg.split("=", 1)[0]
+        is_nproc = len(flag) > 3 and "--nproc".startswith(flag)
         if skip:
             skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
+        elif is_nproc:
+            skip = "=" not in arg
+        else:
             out.append(arg)
     return out
 
 
 def _launch_workers(args, settings: dict) -> int:
     """``cnnkit train --nproc N``: the same command in N worker processes."""
-    from cnnkit.device import resolve_device
     from cnnkit.train import distributed
 
     if distributed.launched():
@@ -31,17 +33,7 @@ def _launch_workers(args, settings: dict) -> int:
             "--nproc starts its own worker processes; under torchrun leave it out "
             "(torchrun's --nproc-per-node says how many)"
         )
-    device = resolve_device(str(settings.get("train.device", "auto")))
-    if device.type == "cuda":
-        import torch
-
-        if args.nproc > torch.cuda.device_count():
-            raise ValueError(
-                f"--nproc {args.nproc} but this machine has {torch.cuda.device_count()} "
-                "GPU(s): one process per GPU at most (or --device cpu)"
-            )
-    elif device.type != "cpu":
-        raise ValueError(f"--nproc trains on CUDA GPUs or CPUs, not {device.type}; --device cpu")
+    # (each worker checks its device: one GPU per process, CUDA or the CPU)
     code, message = distributed.launch(args.nproc, _without_nproc(args.argv))
     if message:
         print(f"{'error: ' if code != 130 else ''}{message}", file=sys.stderr)
@@ -52,8 +44,7 @@ def _lost_contact(error: RuntimeError) -> RuntimeError | None:
     """A clear error for a collective that failed because another worker stopped."""
     from cnnkit.train import distributed
 
-    names = {klass.__name__ for klass in type(error).__mro__}
-    if not distributed.launched() or not names & {"DistBackendError", "DistNetworkError"}:
+    if not distributed.launched() or not distributed.lost_contact(error):
         return None
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return RuntimeError(
@@ -100,6 +91,8 @@ def cmd_train(args) -> int:
             file=sys.stderr,
         )
         return 130
+    if rank:  # rank 0 reports
+        return 0
     if args.quiet:  # scripts still learn where the run is and how it ended
         last = run.history[-1]
         val = f"val acc {last['val_acc']:.4f}" if last["val_acc"] is not None else "no val"

@@ -519,6 +519,8 @@ def _decoding_lock(path: Path) -> Iterator[None]:
         except BlockingIOError:
             with progress("waiting for another process decoding these files", None, summary=False):
                 fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (NFS, Lustre noflock): decode unlocked
+            pass
         yield  # closing the file releases the lock
 
 

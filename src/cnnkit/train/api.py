@@ -48,7 +48,7 @@ from cnnkit.runs.run import Run, load_run
 from . import distributed
 from .autobatch import choose_batch_size
 from .hooks import ConsoleProgress, Hook, MetricsCSV, TextLog
-from .loop import TrainState, fit
+from .loop import StopOnSignal, TrainState, fit
 from .stages import Stage, backbone_features, plan_stages, prepare_stage
 
 
@@ -123,6 +123,10 @@ def _plan_run(
             f"--batch-size {cfg.train.batch_size} is the batch of all {world.size} processes "
             f"together; give each at least one image (--batch-size {world.size} or more)"
         )
+    if cfg.train.sync_bn and world.distributed:
+        # Once, before any stage freezes BatchNorm layers: a frozen layer must be the one
+        # trained (convert_sync_batchnorm replaces the modules, keeping their parameters).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     stages = plan_stages(cfg, data, model)
     description = describe_run(cfg, data, model, pre)
     return _Plan(cfg, data, model, ctx, description, stages, batch_note, _describe_world(cfg, ctx))
@@ -223,42 +227,48 @@ def _train_stages(
     plan: _Plan, run_dir: Path, hooks: list[Hook], say, resume: Checkpoint | None
 ) -> TrainState | None:
     """Run each stage with fit(), skipping those a resumed run had finished."""
-    cfg, model = plan.cfg, plan.model
     resumed = resume.train_state if resume is not None else None
     current = resumed["state"]["stage"] if resumed else None
     names = [s.name for s in plan.stages]
     done = names[: names.index(current)] if current in names else []
     state: TrainState | None = None
-    for stage in plan.stages:
-        if stage.name in done:
-            continue
-        prepare_stage(model, stage, cfg)
-        trainee, data, ctx = model, plan.data, plan.ctx
-        if stage.name == "head" and stage.augment == "none" and cfg.finetune.cache_features:
-            trainee, data = _head_on_features(plan, say)
-            ctx = ctx.for_features()
-        elif stage.name != "train":
-            say(
-                f"stage  {stage.name}: {stage.epochs} epochs, lr {stage.lr:g}, "
-                f"augment {stage.augment}"
-            )
-        state = fit(
-            trainee,
-            data,
-            cfg,
-            ctx=ctx,
-            run_dir=run_dir,
-            description=plan.description,
-            hooks=hooks,
-            stage=stage,
-            previous=state,
-            resume=resumed if current == stage.name else None,
-            checkpoint_model=model,
-        )
-        if state.stop_reason == "diverged":
-            break
+    stopper = StopOnSignal(hooks, repeat_aborts=not plan.ctx.world.distributed)
+    with stopper.installed():  # one for all stages: a late request stops the next one
+        for stage in plan.stages:
+            if stage.name in done:
+                continue
+            state = _train_stage(plan, stage, run_dir, hooks, say, state, resumed, stopper)
+            if state.stop_reason == "diverged":
+                break
     distributed.barrier(plan.ctx.world)  # rank 0 has written the last files
     return state
+
+
+def _train_stage(plan: _Plan, stage: Stage, run_dir: Path, hooks, say, state, resumed, stopper):
+    """One stage with fit(): the head on cached features where it can, else the model."""
+    cfg, model = plan.cfg, plan.model
+    current = resumed["state"]["stage"] if resumed else None
+    prepare_stage(model, stage, cfg)
+    trainee, data, ctx = model, plan.data, plan.ctx
+    if stage.name == "head" and stage.augment == "none" and cfg.finetune.cache_features:
+        trainee, data = _head_on_features(plan, say)
+        ctx = ctx.for_features()
+    elif stage.name != "train":
+        say(f"stage  {stage.name}: {stage.epochs} epochs, lr {stage.lr:g}, augment {stage.augment}")
+    return fit(
+        trainee,
+        data,
+        cfg,
+        ctx=ctx,
+        run_dir=run_dir,
+        description=plan.description,
+        hooks=hooks,
+        stage=stage,
+        previous=state,
+        resume=resumed if current == stage.name else None,
+        checkpoint_model=model,
+        stopper=stopper,
+    )
 
 
 def _run_training(

@@ -55,6 +55,17 @@ _control = None  # the gloo group for flags and objects (None: the default group
 RUN_DIR_FILE_ENV = "CNNKIT_LAUNCH_RUN_DIR_FILE"
 
 
+def lost_contact(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process stopped: a
+    torch.distributed error, or gloo's own RuntimeError for a closed connection."""
+    names = {klass.__name__ for klass in type(error).__mro__}
+    if names & {"DistBackendError", "DistNetworkError", "DistStoreError"}:
+        return True
+    text = str(error)
+    signs = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out")
+    return isinstance(error, RuntimeError) and any(sign in text for sign in signs)
+
+
 def timeout() -> datetime.timedelta:
     """How long any collective may wait: CNNKIT_DIST_TIMEOUT seconds (default 1800)."""
     text = os.environ.get("CNNKIT_DIST_TIMEOUT", "1800")
@@ -68,6 +79,15 @@ def timeout() -> datetime.timedelta:
 def launched() -> bool:
     """Whether this process is one of several started by torchrun (or --nproc)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def ever_joined() -> bool:
+    """Whether this process has joined a process group (errors before that are the same
+    on every rank: the settings, read alike)."""
+    return _ever_joined
+
+
+_ever_joined = False
 
 
 def join(device_setting: str = "auto") -> tuple[World, torch.device, bool]:
@@ -94,6 +114,8 @@ def join(device_setting: str = "auto") -> tuple[World, torch.device, bool]:
             f"distributed training runs on CUDA GPUs or CPUs, not {device.type}; "
             "use --device cpu or one process"
         )
+    global _ever_joined
+    _ever_joined = True
     created = not dist.is_initialized()
     if created:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -208,10 +230,18 @@ def _error_text(error: Exception) -> str:
     return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
-def share(n: int, world: World) -> slice:
-    """This rank's contiguous part of ``n`` items: sizes differ by at most one, the first
-    ranks taking the extra ones; no item is repeated or left out (no padding)."""
-    return slice(n * world.rank // world.size, n * (world.rank + 1) // world.size)
+def share(n: int, world: World, minimum: int = 1) -> slice:
+    """This rank's contiguous part of ``n`` items; no item is repeated or left out (no
+    padding). The parts differ by at most one item, the first ranks taking the extra ones,
+    and none is smaller than ``minimum`` (unless ``n`` is): with too few items for every
+    rank, the first ranks take them all and the last take none. (Training batches ask for
+    2: BatchNorm cannot normalise a batch of one image.)"""
+    ranks = max(1, min(world.size, n // minimum))  # the ranks that get items
+    if world.rank >= ranks:
+        return slice(n, n)
+    q, extra = divmod(n, ranks)
+    start = world.rank * q + min(world.rank, extra)
+    return slice(start, start + q + (world.rank < extra))
 
 
 def gather_rows(part: torch.Tensor, world: World) -> torch.Tensor:
@@ -321,17 +351,23 @@ def mark_elastic_run(run_dir: Path, world: World) -> None:
     """Record torchrun's job id in the run directory, so that restarted workers of the
     same job find the run to resume (rank 0)."""
     job = os.environ.get("TORCHELASTIC_RUN_ID")
-    if job and job != "none" and world.is_main:
+    if job and world.is_main:
         (run_dir / ELASTIC_MARKER).write_text(json.dumps({"run_id": job}))
 
 
 def elastic_run(runs_dir: Path, name: str | None) -> Path | None:
     """The run a restarted torchrun job had started: its --name, or the newest run
     directory marked with the job's id."""
-    if name:
-        path = runs_dir / name
-        return path if path.is_dir() else None
     job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if name:  # the named run, if a torchrun job made it (and, where ids tell, this job)
+        marker = runs_dir / name / ELASTIC_MARKER
+        if not marker.is_file():
+            return None
+        try:
+            made_by = json.loads(marker.read_text()).get("run_id")
+        except (OSError, ValueError):
+            return None
+        return marker.parent if made_by == job or job in (None, "", "none") else None
     if job in (None, "", "none"):  # torchrun's default --rdzv-id: shared by every job
         return None
     found = []

@@ -79,11 +79,12 @@ class TrainState:
         return dict(self.__dict__)
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM (a scheduler ending the job) asks the loop to stop at the
     next step boundary, where it saves; a second Ctrl-C aborts at once. Not in a
     distributed worker: its launcher passes the signal on as well, and kills it if it
-    takes too long."""
+    takes too long. One lives through all stages of a run: a request made at the end of
+    one stage stops the next at its first step."""
 
     def __init__(self, hooks: list[Hook], repeat_aborts: bool = True):
         self.requested = False
@@ -222,8 +223,6 @@ def _prepare(
         model.to(memory_format=torch.channels_last)
     world = ctx.world
     trained: nn.Module = model
-    if world.distributed and cfg.train.sync_bn:  # statistics over the global batch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place: same parameters
     if world.distributed:
         # DDP broadcasts rank 0's weights and averages every step's gradients (gradient
         # buckets at PyTorch's defaults).
@@ -247,8 +246,8 @@ def _prepare(
     val, val_size = None, 0
     if data.val is not None and len(data.val):
         val_size = len(data.val)
-        mine = distributed.share(val_size, world)
-        val = data.val.subset(torch.arange(mine.start, mine.stop)).to(device)
+        mine = distributed.share(val_size, world)  # a slice: a memory-mapped split stays so
+        val = ImageTensors(data.val.images[mine], data.val.labels[mine]).to(device)
     weights = None  # inverse class frequencies, for the weighted loss or balanced sampling
     if cfg.train.class_weights == "auto" or cfg.train.sampler == "balanced":
         weights = class_weights(train.labels, len(data.classes))
@@ -343,7 +342,7 @@ def _draw_batch(setup: _Setup, perm: torch.Tensor, step: int, device):
     else:
         labels = setup.train.labels  # on the device, or in host memory with the images
         divisor = setup.loss_weights[labels[index.to(labels.device)].to(device)].sum()
-    index = index[distributed.share(len(index), setup.world)]
+    index = index[distributed.share(len(index), setup.world, minimum=2)]
     train, normalizer = setup.train, setup.normalizer
     if setup.resident:
         x, y = normalizer.to_unit(train.images[index]), train.labels[index]
@@ -352,7 +351,7 @@ def _draw_batch(setup: _Setup, perm: torch.Tensor, step: int, device):
         x = normalizer.to_unit(train.images[index].to(device, non_blocking=True))
         y = train.labels[index].to(device, non_blocking=True)
     if setup.augment is not None:
-        x = setup.augment(x, setup.generator)
+        x = setup.augment(x, setup.generator) if len(x) else x  # a rank may have no share
     return normalizer.normalize(x), y, divisor, size
 
 
@@ -368,21 +367,28 @@ def _train_step(
     x, y, divisor, size = batch
     if ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    one = not setup.world.distributed
     with ctx.autocast():
         logits = setup.forward(x)
-        loss_sum = F.cross_entropy(
-            logits, y, weight=setup.loss_weights, label_smoothing=label_smoothing, reduction="sum"
+        loss = F.cross_entropy(
+            logits,
+            y,
+            weight=setup.loss_weights,
+            label_smoothing=label_smoothing,
+            reduction="mean" if one else "sum",
         )
-    # The global batch's mean loss; DDP averages gradients over the ranks, hence the size.
-    loss = loss_sum * (setup.world.size / divisor)
+    if not one:
+        # A share's part of the global batch's mean loss; x world size, which DDP's
+        # gradient averaging divides back out.
+        loss = loss * (setup.world.size / divisor)
     setup.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     setup.optimizer.step()
     setup.schedule.step()
     with torch.no_grad():
-        # this share's part of (the batch's mean loss x its images): summed over the
-        # ranks, the same as one process adds
-        sums[0] += loss_sum.detach().float() * (size / divisor)
+        # (the batch's mean loss x its images), or this share's part of it: summed over
+        # the ranks, the same as one process adds
+        sums[0] += loss.detach().float() * (len(y) if one else size / setup.world.size)
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
 
@@ -472,7 +478,7 @@ def _save_interrupted(
 
 
 def _stop_flags(
-    stopper: _StopOnSignal, budget: float | None, budget_start: float, step: int, world
+    stopper: StopOnSignal, budget: float | None, budget_start: float, step: int, world
 ) -> tuple[bool, bool]:
     """(stop and save, time budget spent): on one process, asked at every step; on several,
     every AGREE_EVERY steps, agreed by all (any rank's request stops them all)."""
@@ -503,6 +509,7 @@ def fit(
     previous: TrainState | None = None,
     resume: dict | None = None,
     checkpoint_model: nn.Module | None = None,
+    stopper: StopOnSignal | None = None,
 ) -> TrainState:
     """Train ``model`` on ``data`` for one stage; write best.pt / last.pt into run_dir.
 
@@ -522,7 +529,7 @@ def fit(
     info = {"epochs": total_epochs, "steps": steps, "monitor": setup.monitor, "stage": stage.name}
     _tell(hooks, "on_train_start", info)
     budget_start = time.perf_counter() - state.elapsed
-    stopper = _StopOnSignal(hooks, repeat_aborts=not world.distributed)
+    stopper = stopper or StopOnSignal(hooks, repeat_aborts=not world.distributed)
     # With torch.compile, the first step of each fit() call compiles, and so does the first
     # short last batch: their time is reported apart (in the row of the epoch they fall in)
     # as well as counted in the training time.
@@ -540,6 +547,9 @@ def fit(
             clock, partial, step, begun = _EpochClock(device), False, state.step, state.step
             while step < steps:
                 interrupt, spent = _stop_flags(stopper, tc.time_budget, budget_start, step, world)
+                if spent and step > begun:  # the epoch ends early, after at least one step
+                    partial, state.stop_reason = True, "time_budget"
+                    break
                 if interrupt:  # save where the epoch is, then stop
                     state.step = step
                     state.epoch_seconds += clock.seconds()
@@ -547,9 +557,6 @@ def fit(
                     _save_interrupted(setup, state, description, last, perm, sums)
                     _tell(hooks, "on_train_end", {"stopped": "interrupted"})
                     raise TrainingInterrupted(last, number, step, steps)
-                if spent and step > begun:  # the epoch ends early, after at least one step
-                    partial, state.stop_reason = True, "time_budget"
-                    break
                 batch = _draw_batch(setup, perm, step, device)
                 if step in compiling:  # time the step that compiles, apart
                     step_start = time.perf_counter()
