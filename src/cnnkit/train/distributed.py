@@ -119,7 +119,7 @@ def join(device_setting: str = "auto") -> tuple[World, torch.device, bool]:
     created = not dist.is_initialized()
     if created:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timeout())
+        _init_process_group(backend)
     backend = dist.get_backend()
     global _control
     if _control is None and backend != "gloo":  # made once, kept while the group lives
@@ -132,6 +132,21 @@ def join(device_setting: str = "auto") -> tuple[World, torch.device, bool]:
         backend=backend,
     )
     return world, device, created
+
+
+def _init_process_group(backend: str) -> None:
+    """init_process_group from torchrun's environment. After a restart (--max-restarts)
+    the keys go under a prefix of their own: the store outlives the killed workers, and
+    their addresses in it would otherwise be read by the new ones, which then connect to
+    a dead process (refused, or a hang)."""
+    restart = restart_count()
+    if not restart:
+        dist.init_process_group(backend, timeout=timeout())
+        return
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store, rank, size = next(dist.rendezvous("env://", rank, size, timeout=timeout()))
+    store = dist.PrefixStore(f"cnnkit/restart-{restart}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout())
 
 
 def leave(created: bool) -> None:
