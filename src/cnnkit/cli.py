@@ -200,15 +200,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "datasets",
-        help="built-in data sets; check a folder of your own",
+        help="built-in data sets; check a folder of your own; pack one into shards",
         description="list: the built-in data sets and where they are found. "
         "info NAME: shapes, classes, counts. check PATH: the data-set doctor "
-        "(unreadable files, imbalance, duplicates across splits, ...).",
+        "(unreadable files, imbalance, duplicates across splits, ...). "
+        "pack SRC OUT: write a built-in set, folder or CSV list as WebDataset tar shards "
+        "(train-000000.tar, ..., and index.json) for data bigger than memory; the split is "
+        "made once, as training makes it, and unreadable files are reported and left out.",
     )
-    p.add_argument("action", nargs="?", default="list", choices=["list", "info", "check"])
-    p.add_argument("name", nargs="?", help="data set name (info) or folder / CSV (check)")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "info", "check", "pack"])
+    p.add_argument("name", nargs="?", help="data set name (info), folder / CSV (check), SRC (pack)")
+    p.add_argument("out", nargs="?", metavar="OUT", help="pack: the folder to write shards to")
     p.add_argument("--data-dir", help="directory searched first")
-    p.add_argument("--json", action="store_true", help="check: the report as JSON")
+    p.add_argument("--json", action="store_true", help="check, pack: the report as JSON")
+    p.add_argument(
+        "--shard-size",
+        default="256MB",
+        help="pack: the most bytes per shard: 500MB, 1GB, 200000000 (default 256MB)",
+    )
+    p.add_argument("--max-count", type=int, help="pack: the most images per shard")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        help="pack: downsize images whose longer side is larger than this, re-encoded "
+        "(JPEG; PNG for grayscale); others keep their bytes",
+    )
+    p.add_argument(
+        "--quality",
+        type=int,
+        help="pack: JPEG quality when re-encoding (default 90); given, every image is re-encoded",
+    )
+    p.add_argument(
+        "--val-split", type=float, default=0.1, help="pack: validation share (default 0.1)"
+    )
+    p.add_argument(
+        "--test-split",
+        type=float,
+        default=0.1,
+        help="pack: test share of a folder without test/ (default 0.1; built-in sets keep "
+        "their official test set)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="pack: split and shuffle seed")
+    p.add_argument("--overwrite", action="store_true", help="pack: replace the set in OUT")
     p.add_argument(
         "--near-bits",
         type=int,

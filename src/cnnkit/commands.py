@@ -537,6 +537,8 @@ def cmd_datasets(args) -> int:
             "~/.cache/cnnkit/datasets, then download (unless CNNKIT_OFFLINE=1)."
         )
         return 0
+    if args.action == "pack":
+        return _pack(args, con)
     if not args.name:
         raise ValueError(
             f"usage: cnnkit datasets {args.action} {'NAME' if args.action == 'info' else 'PATH'}"
@@ -558,6 +560,54 @@ def cmd_datasets(args) -> int:
     for i, name in enumerate(data.classes):
         t.add_row(name, str(i), f"{train_counts[i]:,}", f"{test_counts[i]:,}")
     con.print(t)
+    return 0
+
+
+def _pack(args, con) -> int:
+    if not args.name or not args.out:
+        raise ValueError(
+            "usage: cnnkit datasets pack SRC OUT (SRC: a built-in name, folder or CSV list; "
+            "OUT: a new or empty folder for the shards)"
+        )
+    from cnnkit.data.shards import pack
+
+    index = pack(
+        args.name,
+        args.out,
+        shard_size=args.shard_size,
+        max_count=args.max_count,
+        max_side=args.max_side,
+        quality=args.quality,
+        val_split=args.val_split,
+        test_split=args.test_split,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        overwrite=args.overwrite,
+    )
+    if args.json:
+        print(json.dumps(index, indent=2))
+        return 0
+    splits = index["splits"]
+    t = _table(f"{args.out}: shards of {args.name}", "split", "images", "shards", "MB")
+    for name, split in splits.items():
+        size = sum(s["bytes"] for s in split["shards"])
+        t.add_row(name, f"{split['count']:,}", str(len(split["shards"])), f"{size / 1e6:,.1f}")
+    con.print(t)
+    images = sum(s["count"] for s in splits.values())
+    seconds = index["seconds"]
+    con.print(
+        f"{images:,} images in {sum(len(s['shards']) for s in splits.values())} shards, "
+        f"{index['bytes'] / 1e6:,.1f} MB, in {seconds:.1f}s ({images / max(seconds, 1e-9):,.0f} "
+        f"images/s); input {index['channels']}x{index['image_size']}x{index['image_size']}",
+        markup=False,
+    )
+    skipped = index["skipped"]
+    if skipped:
+        con.print(f"skipped {len(skipped)} file(s) that could not be read:", markup=False)
+        for s in skipped[:10]:
+            con.print(f"    {s['file']}: {s['reason']}", markup=False, soft_wrap=True)
+        if len(skipped) > 10:
+            con.print(f"    ... and {len(skipped) - 10} more (index.json lists all)")
     return 0
 
 

@@ -7,6 +7,7 @@ uint8 but 188 MB as float32, and converting only the batch keeps memory traffic 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,6 +58,9 @@ class DataSplits:
     files: dict[str, list[str]] | None = None  # folder data sets: each split's files, in order
     root: str | None = None  # ... relative to this folder
     is_features: bool = False  # images are backbone feature vectors (N, D)
+    # Shards streamed for training (data/stream.py StreamedData): ``train`` then holds no
+    # images (its shape says how they are decoded), ``val`` streams too.
+    streamed: Any = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -77,9 +81,17 @@ class DataSplits:
         return part
 
     def sizes(self) -> str:
-        parts = [f"train {len(self.train):,}"]
-        parts += [f"val {len(self.val):,}"] if self.val is not None else ["no val"]
-        parts += [f"test {len(self.test):,}"] if self.test is not None else []
+        if self.streamed is not None:
+            counts = {name: split.count for name, split in self.streamed.splits.items()}
+        else:
+            counts = {
+                n: len(p)
+                for n, p in (("train", self.train), ("val", self.val), ("test", self.test))
+                if p is not None
+            }
+        parts = [f"train {counts['train']:,}"]
+        parts += [f"val {counts['val']:,}"] if "val" in counts else ["no val"]
+        parts += [f"test {counts['test']:,}"] if "test" in counts else []
         return ", ".join(parts)
 
 

@@ -13,6 +13,8 @@ from cnnkit.models.weights import Preprocessing, preprocessing_for
 from . import is_builtin, load_dataset
 from .folder import FOLDER_IMAGE_SIZE, load_folder
 from .memory import DataSplits
+from .shards import is_shard_set, load_split, read_shard_set
+from .stream import load_streamed
 
 __all__ = ["FOLDER_IMAGE_SIZE", "load_data", "load_trained_data", "weights_preprocessing"]
 
@@ -30,13 +32,18 @@ def load_data(
     pre: Preprocessing | None,
     split_file: Path | None = None,
     preprocessing: dict | None = None,
+    stream: bool = True,
 ) -> DataSplits:
-    """The run's data: a built-in set, or a folder/CSV (decoded at the model's input size).
+    """The run's data: a built-in set, a folder/CSV (decoded at the model's input size), or
+    a shard set (streamed for training; ``stream=False``: its val and test splits decoded
+    into memory, for evaluation).
 
     ``split_file``: a run's split.json, used when it exists. ``preprocessing``: a
     checkpoint's, to reload exactly the data a run was trained on.
     """
     d = cfg.data
+    if is_shard_set(d.name):
+        return _load_shards(cfg, pre, preprocessing, stream)
     if is_builtin(d.name):
         data = load_dataset(
             d.name, data_dir=d.data_dir, val_split=d.val_split, seed=cfg.train.seed, limit=d.limit
@@ -73,4 +80,38 @@ def load_data(
 def load_trained_data(cfg: Config, preprocessing: dict, split_file: Path) -> DataSplits:
     """Exactly the data a run was trained on: same split (its split.json, or the same seed
     and fraction), same input size and normalisation (its checkpoint's preprocessing)."""
-    return load_data(cfg, None, split_file=split_file, preprocessing=preprocessing)
+    return load_data(cfg, None, split_file=split_file, preprocessing=preprocessing, stream=False)
+
+
+def _load_shards(
+    cfg: Config, pre: Preprocessing | None, preprocessing: dict | None, stream: bool
+) -> DataSplits:
+    """A shard set: at the size and channels a run was trained at, a backbone's, or the
+    ones its index suggests (--image-size first)."""
+    if cfg.data.limit is not None:
+        raise ValueError(
+            "--limit takes a subset of a data set in memory; a shard set streams whole: "
+            "pack a subset instead (cnnkit datasets pack ... with a smaller source)"
+        )
+    shards = read_shard_set(cfg.data.name)
+    if preprocessing is not None:
+        size, crop_pct = preprocessing["size"][0], preprocessing.get("crop_pct", 1.0)
+        channels = preprocessing.get("channels", 3)
+        normalization = (preprocessing["mean"], preprocessing["std"])
+    elif pre is not None:
+        size, crop_pct, channels = cfg.data.image_size or pre.size[0], pre.crop_pct, 3
+        normalization = (pre.mean, pre.std)
+    else:
+        size = cfg.data.image_size or shards.image_size or FOLDER_IMAGE_SIZE
+        crop_pct, channels, normalization = 1.0, shards.channels, None
+    data = load_streamed(
+        shards, size=size, channels=channels, crop_pct=crop_pct, normalization=normalization
+    )
+    if not stream:  # evaluation: the splits it reads, in memory, in index order
+        stored = data.stored_size[0]
+        for split in ("val", "test"):
+            if split in shards.splits:
+                part, _ = load_split(shards, split, channels, stored)
+                setattr(data, split, part)
+        data.streamed = None
+    return data

@@ -125,11 +125,16 @@ def describe_run(
         "data": {
             "name": data.name,
             "root": data.root,
-            "train": len(data.train),
-            "val": len(data.val) if data.val is not None else 0,
-            "test": len(data.test) if data.test is not None else 0,
+            **_split_sizes(data),
         },
     }
+
+
+def _split_sizes(data) -> dict[str, int]:
+    if data.streamed is not None:  # a shard set: its index's counts
+        return {s: data.streamed.count(s) for s in ("train", "val")} | {"test": 0}
+    parts = {"train": data.train, "val": data.val, "test": data.test}
+    return {name: len(part) if part is not None else 0 for name, part in parts.items()}
 
 
 def checkpoint_payload(

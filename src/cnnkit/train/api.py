@@ -29,6 +29,7 @@ from cnnkit.config import Config, apply_overrides, dump_config, load_config, res
 from cnnkit.data import DataSplits
 from cnnkit.data.doctor import quick_check
 from cnnkit.data.resolve import load_data, weights_preprocessing
+from cnnkit.data.shards import read_shard_set
 from cnnkit.device import ExecutionContext, World
 from cnnkit.models import create_model
 from cnnkit.progress import silenced
@@ -138,13 +139,17 @@ def _auto_batch_size(
     """The largest batch that fits one device; over several processes, rank 0's choice
     for each of them, so the global batch is that times the world size."""
     choice = choose_batch_size(
-        model.to(ctx.device), data.shape, len(data.train), ctx.device, ctx.dtype
+        model.to(ctx.device), data.shape, _train_size(data), ctx.device, ctx.dtype
     )
     size, reason = distributed.from_main((choice.batch_size, choice.reason), ctx.world)
     n = ctx.world.size
     note = f" ({reason})" if n == 1 else f" ({reason}; {size} per process x {n})"
     train_cfg = dataclasses.replace(cfg.train, batch_size=size * n)
     return dataclasses.replace(cfg, train=train_cfg), note
+
+
+def _train_size(data: DataSplits) -> int:
+    return data.streamed.count("train") if data.streamed is not None else len(data.train)
 
 
 def _describe_world(cfg: Config, ctx: ExecutionContext) -> str:
@@ -178,6 +183,9 @@ def _header(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> None:
         else "splits saved in split.json"
     )
     has_test = data.test is not None and len(data.test) > 0
+    if data.streamed is not None:
+        split = "splits of the shard set"
+        has_test = "test" in read_shard_set(d.name).splits
     say(
         f"data   {data.name}: {data.sizes()} images of {c}x{h}x{w}, {len(data.classes)} classes "
         f"({split}; {'test held out' if has_test else 'no test split'})"
@@ -250,7 +258,8 @@ def _train_stage(plan: _Plan, stage: Stage, run_dir: Path, hooks, say, state, re
     current = resumed["state"]["stage"] if resumed else None
     prepare_stage(model, stage, cfg)
     trainee, data, ctx = model, plan.data, plan.ctx
-    if stage.name == "head" and stage.augment == "none" and cfg.finetune.cache_features:
+    cached = cfg.finetune.cache_features and plan.data.streamed is None  # (streams: no cache)
+    if stage.name == "head" and stage.augment == "none" and cached:
         trainee, data = _head_on_features(plan, say)
         ctx = ctx.for_features()
     elif stage.name != "train":

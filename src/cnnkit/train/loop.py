@@ -35,11 +35,13 @@ from torch.nn.parallel import DistributedDataParallel
 from cnnkit.config import Config
 from cnnkit.data.augment import train_transform
 from cnnkit.data.memory import DataSplits, ImageTensors, Normalizer
+from cnnkit.data.stream import StreamedData, StreamPlan, epoch_steps, stream_batches
 from cnnkit.device import ExecutionContext, free_memory_bytes, tune_allocator
 from cnnkit.runs.checkpoint import checkpoint_payload, save_checkpoint
 from cnnkit.runs.inference import batched_logits
 
 from . import distributed
+from .batches import epoch_batches, rank_batch
 from .hooks import Hook
 from .optim import build_optimizer, build_schedule
 from .stages import Stage
@@ -210,6 +212,7 @@ class _Setup:
     batch_size: int  # the global batch
     steps: int  # per epoch
     world: distributed.World
+    streamed: StreamedData | None = None  # train (and val) streamed from shards
 
 
 def _prepare(
@@ -241,16 +244,30 @@ def _prepare(
     augment = None
     if not data.is_features:
         augment = train_transform(stage.augment, data.stored_size, data.shape[1:])
-    steps = math.ceil(len(train) / cfg.train.batch_size)
+    streamed = data.streamed
+    if streamed is None:
+        steps = math.ceil(len(train) / cfg.train.batch_size)
+    else:
+        batch = rank_batch(cfg.train.batch_size, world)
+        steps = epoch_steps(streamed.splits["train"], world.size, batch)
     optimizer = build_optimizer(model, cfg.optim, lr=stage.lr, param_groups=stage.param_groups)
-    val, val_size = None, 0
+    val, val_size = None, streamed.count("val") if streamed else 0
     if data.val is not None and len(data.val):
         val_size = len(data.val)
         mine = distributed.share(val_size, world)  # a slice: a memory-mapped split stays so
         val = ImageTensors(data.val.images[mine], data.val.labels[mine]).to(device)
     weights = None  # inverse class frequencies, for the weighted loss or balanced sampling
+    if streamed is not None and cfg.train.sampler == "balanced":
+        raise ValueError(
+            "--sampler balanced draws from the whole set in memory; a streamed data set is "
+            "read in order: use --class-weights auto instead"
+        )
     if cfg.train.class_weights == "auto" or cfg.train.sampler == "balanced":
-        weights = class_weights(train.labels, len(data.classes))
+        labels = train.labels
+        if streamed is not None:  # the index's counts stand for the labels
+            counts = streamed.splits["train"].class_counts
+            labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        weights = class_weights(labels, len(data.classes))
     return _Setup(
         model=model,
         saved_model=saved_model,
@@ -274,6 +291,7 @@ def _prepare(
         batch_size=cfg.train.batch_size,
         steps=steps,
         world=world,
+        streamed=streamed,
     )
 
 
@@ -329,30 +347,6 @@ def _epoch_order(setup: _Setup, state: TrainState, seed: int, number: int, devic
     if world.distributed:
         _seed_rank(seed, number, world.rank, setup.generator)
     return perm, torch.zeros(3, device=device)  # loss sum, correct, count
-
-
-def _draw_batch(setup: _Setup, perm: torch.Tensor, step: int, device):
-    """This rank's images of one step (normalised, augmented, laid out for the model), their
-    labels, the loss's divisor: the size of the global batch (its weight sum with class
-    weights), so that the shares' losses add up to the whole batch's mean; and that size."""
-    index = perm[step * setup.batch_size : (step + 1) * setup.batch_size]
-    size = len(index)
-    if setup.loss_weights is None:
-        divisor = float(size)
-    else:
-        labels = setup.train.labels  # on the device, or in host memory with the images
-        divisor = setup.loss_weights[labels[index.to(labels.device)].to(device)].sum()
-    index = index[distributed.share(len(index), setup.world, minimum=2)]
-    train, normalizer = setup.train, setup.normalizer
-    if setup.resident:
-        x, y = normalizer.to_unit(train.images[index]), train.labels[index]
-    else:
-        index = index.cpu()
-        x = normalizer.to_unit(train.images[index].to(device, non_blocking=True))
-        y = train.labels[index].to(device, non_blocking=True)
-    if setup.augment is not None:
-        x = setup.augment(x, setup.generator) if len(x) else x  # a rank may have no share
-    return normalizer.normalize(x), y, divisor, size
 
 
 def _train_step(
@@ -418,14 +412,29 @@ def _validate(setup: _Setup, ctx: ExecutionContext, row: dict) -> None:
     twice, none left out) and the sums are added: the same numbers as one process."""
     if not setup.val_size:
         return
-    val, sums = setup.val, [0.0, 0.0]
-    if len(val):
-        logits = batched_logits(setup.eval_forward, val.images, setup.normalizer, ctx)
-        sums[0] = F.cross_entropy(logits, val.labels, reduction="sum").item()
-        sums[1] = (logits.argmax(1) == val.labels).sum().item()
+    sums = [0.0, 0.0]
+    for images, labels in _val_parts(setup, ctx):
+        logits = batched_logits(setup.eval_forward, images, setup.normalizer, ctx)
+        labels = labels.to(logits.device)
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+        sums[1] += (logits.argmax(1) == labels).sum().item()
     loss_sum, correct = distributed.sum_values(sums, setup.world)
     row["val_loss"] = loss_sum / setup.val_size
     row["val_acc"] = correct / setup.val_size
+
+
+def _val_parts(setup: _Setup, ctx: ExecutionContext):
+    """This rank's validation images and labels: its share in memory, or its samples of
+    the streamed split, a few evaluation batches at a time."""
+    data, world = setup.streamed, setup.world
+    if data is None:
+        if setup.val is not None and len(setup.val):
+            yield setup.val.images, setup.val.labels
+        return
+    plan = StreamPlan(
+        data.splits["val"], data.channels, data.size, 0, 0, world.rank, world.size, shuffle=False
+    )
+    yield from stream_batches(plan, 4 * ctx.eval_batch, data.workers)
 
 
 def _judge_epoch(state: TrainState, row: dict, monitor: str, patience: int | None) -> str:
@@ -545,7 +554,10 @@ def fit(
             _tell(hooks, "on_epoch_start", number, total_epochs, steps, state.step)
             model.train()
             clock, partial, step, begun = _EpochClock(device), False, state.step, state.step
-            while step < steps:
+            batches = epoch_batches(setup, perm, number, state.step, tc.seed, device)
+            # in memory an epoch has `steps` steps; a stream's ends when every rank ran out
+            in_memory, ran_out = setup.streamed is None, False
+            while not ran_out and (step < steps or not in_memory):
                 interrupt, spent = _stop_flags(stopper, tc.time_budget, budget_start, step, world)
                 if spent and step > begun:  # the epoch ends early, after at least one step
                     partial, state.stop_reason = True, "time_budget"
@@ -557,7 +569,10 @@ def fit(
                     _save_interrupted(setup, state, description, last, perm, sums)
                     _tell(hooks, "on_train_end", {"stopped": "interrupted"})
                     raise TrainingInterrupted(last, number, step, steps)
-                batch = _draw_batch(setup, perm, step, device)
+                batch = next(batches, None)
+                if batch is None:
+                    ran_out = True
+                    break
                 if step in compiling:  # time the step that compiles, apart
                     step_start = time.perf_counter()
                     _train_step(setup, ctx, batch, sums, cfg.optim.label_smoothing)
@@ -569,7 +584,8 @@ def fit(
                     _train_step(setup, ctx, batch, sums, cfg.optim.label_smoothing)
                 _tell(hooks, "on_step", step, sums)
                 step += 1
-            if step == steps and _stop_flags(stopper, tc.time_budget, budget_start, 0, world)[1]:
+            ran_out = ran_out or step >= steps
+            if ran_out and _stop_flags(stopper, tc.time_budget, budget_start, 0, world)[1]:
                 state.stop_reason = "time_budget"  # spent in the epoch's last step
 
             # ---- end of epoch: one host sync (the clock waits for the queued steps), the
