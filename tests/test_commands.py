@@ -218,7 +218,7 @@ def test_cache_lists_and_clears_the_decode_cache_under_xdg_cache_home(tmp_path, 
 
     assert main(["cache", "clear", "decod"]) == 1
     line = _one_error_line(capsys.readouterr().err)
-    assert "unknown cache folder decod; choose from: decoded, datasets" in line
+    assert "unknown cache folder decod; choose from: decoded, datasets, shards" in line
 
     assert main(["cache", "clear", "decoded", "--yes"]) == 0
     assert "deleted" in capsys.readouterr().out

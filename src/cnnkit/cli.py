@@ -273,11 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cnnkit's cache folders: their size, and clearing them",
         description="list: each cache folder under $XDG_CACHE_HOME/cnnkit (~/.cache/cnnkit) "
         "with its size and entries. clear [NAME ...]: delete decoded (the decoded images of "
-        "folder data sets, one entry per image size; rebuilt on the next run) and/or datasets "
-        "(downloaded built-in data sets; downloaded again when needed); default both.",
+        "folder data sets, one entry per image size; rebuilt on the next run), datasets "
+        "(downloaded built-in data sets; downloaded again when needed) and/or shards "
+        "(folders packed for --stream; packed again when needed); default all.",
     )
     p.add_argument("action", nargs="?", default="list", choices=["list", "clear"])
-    p.add_argument("names", nargs="*", metavar="NAME", help="clear: decoded, datasets")
+    p.add_argument("names", nargs="*", metavar="NAME", help="clear: decoded, datasets, shards")
     p.add_argument("--yes", action="store_true", help="clear without asking")
     p.add_argument("--json", action="store_true", help="list: as JSON")
 

@@ -69,6 +69,12 @@ class DataConfig:
         "shift, crop-flip, flip, photo",
         choices=("auto", "none", "affine", "shift", "crop-flip", "flip", "photo"),
     )
+    stream: bool = setting(
+        False,
+        "stream the images from WebDataset shards while training: a shard set (cnnkit "
+        "datasets pack) always streams; a folder is packed to shards in the cache first "
+        "(chosen by itself when its decoded images would not fit the disk)",
+    )
     image_size: int | None = setting(
         None,
         "model input size for folder data sets (default: the backbone's; from scratch, "

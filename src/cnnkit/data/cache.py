@@ -59,6 +59,7 @@ def cache_folders() -> list[CacheFolder]:
     layout = [
         ("decoded", "decoded images of folder data sets", decoded_cache_dir(), "*.npy", False),
         ("datasets", "downloaded built-in data sets", cache_dir(), "*", True),
+        ("shards", "folders packed to shards for --stream", user_cache_dir() / "shards", "*", True),
     ]
     folders = []
     for name, what, path, pattern, directories in layout:
@@ -75,7 +76,7 @@ def cache_folders() -> list[CacheFolder]:
     return folders
 
 
-CACHE_NAMES = ("decoded", "datasets")
+CACHE_NAMES = ("decoded", "datasets", "shards")
 
 
 def check_names(names: list[str]) -> None:

@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -488,7 +489,8 @@ def decode_images(
     if cached is not None:
         return cached
     cache.mkdir(parents=True, exist_ok=True)
-    with _decoding_lock(cache / f".{key}.lock"):
+    _check_room(cache, len(paths), channels, size)
+    with exclusive(cache / f".{key}.lock"):
         # another process may have built it while this one waited for the lock
         cached = _from_cache(array_path, meta_path, budget)
         if cached is not None:
@@ -504,10 +506,11 @@ def _from_cache(array_path: Path, meta_path: Path, budget: int) -> DecodedImages
 
 
 @contextlib.contextmanager
-def _decoding_lock(path: Path) -> Iterator[None]:
-    """One process at a time decodes a set of files; the others wait, then map the same
-    cache file: the workers of a distributed run on one machine decode it once, not once
-    each, and so do two runs started together. (An advisory lock: POSIX only.)"""
+def exclusive(path: Path) -> Iterator[None]:
+    """One process at a time in the block (an advisory lock on ``path``: POSIX only). One
+    process decodes a set of files while the others wait, then map the same cache file:
+    the workers of a distributed run on one machine decode it once, not once each, and so
+    do two runs started together."""
     try:
         import fcntl
     except ImportError:  # Windows: each process decodes; the cache file is replaced whole
@@ -517,7 +520,9 @@ def _decoding_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            with progress("waiting for another process decoding these files", None, summary=False):
+            with progress(
+                "waiting for another process (decoding or packing these files)", None, summary=False
+            ):
                 fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError:  # a file system without locks (NFS, Lustre noflock): decode unlocked
             pass
@@ -576,6 +581,21 @@ def _decode_into_cache(
             if os.path.exists(leftover):
                 os.unlink(leftover)
     return DecodedImages(_load(array_path, budget), kept, errors, seconds, False)
+
+
+class DecodedWontFit(ValueError):
+    """The decoded images of a folder would not fit on the cache's disk (data.resolve then
+    streams the folder from shards instead)."""
+
+
+def _check_room(cache: Path, count: int, channels: int, size: int) -> None:
+    need = count * channels * size * size
+    free = shutil.disk_usage(cache).free
+    if need > free * 0.9:  # room left for everything else on the disk
+        raise DecodedWontFit(
+            f"decoding {count:,} images at {size}x{size} takes {need / 2**30:.1f} GiB but "
+            f"{cache} has {free / 2**30:.1f} GiB free"
+        )
 
 
 def _memory_budget() -> int:

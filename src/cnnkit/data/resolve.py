@@ -4,6 +4,7 @@ as a run was trained on it (its split file and its checkpoint's preprocessing)."
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from cnnkit.config import Config
@@ -11,9 +12,18 @@ from cnnkit.models.pretrained import is_backbone_name
 from cnnkit.models.weights import Preprocessing, preprocessing_for
 
 from . import is_builtin, load_dataset
-from .folder import FOLDER_IMAGE_SIZE, load_folder
+from .builtin import user_cache_dir
+from .folder import (
+    FOLDER_IMAGE_SIZE,
+    DecodedWontFit,
+    display_name,
+    exclusive,
+    find_data_path,
+    list_images,
+    load_folder,
+)
 from .memory import DataSplits
-from .shards import is_shard_set, load_split, read_shard_set
+from .shards import INDEX_FILE, is_shard_set, load_split, pack, read_shard_set
 from .stream import load_streamed
 
 __all__ = ["FOLDER_IMAGE_SIZE", "load_data", "load_trained_data", "weights_preprocessing"]
@@ -43,7 +53,9 @@ def load_data(
     """
     d = cfg.data
     if is_shard_set(d.name):
-        return _load_shards(cfg, pre, preprocessing, stream)
+        return _load_shards(cfg, d.name, pre, preprocessing, stream)
+    if d.stream and not is_builtin(d.name):
+        return _stream_folder(cfg, pre, preprocessing, stream, "--stream")
     if is_builtin(d.name):
         data = load_dataset(
             d.name, data_dir=d.data_dir, val_split=d.val_split, seed=cfg.train.seed, limit=d.limit
@@ -59,21 +71,60 @@ def load_data(
             size, crop_pct, channels = d.image_size or pre.size[0], pre.crop_pct, 3
         else:
             size, crop_pct, channels = d.image_size, 1.0, None
-        data = load_folder(
-            d.name,
-            image_size=size,
-            channels=channels,
-            crop_pct=crop_pct,
-            val_split=d.val_split,
-            test_split=d.test_split,
-            seed=cfg.train.seed,
-            limit=d.limit,
-            split_file=split_file if split_file and split_file.exists() else None,
-        )
+        try:
+            data = _load_folder(cfg, size, channels, crop_pct, split_file)
+        except DecodedWontFit as e:
+            return _stream_folder(cfg, pre, preprocessing, stream, str(e))
     if preprocessing is not None:
         data.mean, data.std = tuple(preprocessing["mean"]), tuple(preprocessing["std"])
     elif pre is not None:  # normalise as the backbone's weights were trained
         data.mean, data.std = pre.mean, pre.std
+    return data
+
+
+def _load_folder(cfg: Config, size, channels, crop_pct, split_file) -> DataSplits:
+    d = cfg.data
+    return load_folder(
+        d.name,
+        image_size=size,
+        channels=channels,
+        crop_pct=crop_pct,
+        val_split=d.val_split,
+        test_split=d.test_split,
+        seed=cfg.train.seed,
+        limit=d.limit,
+        split_file=split_file if split_file and split_file.exists() else None,
+    )
+
+
+def _stream_folder(
+    cfg: Config, pre: Preprocessing | None, preprocessing: dict | None, stream: bool, why: str
+) -> DataSplits:
+    """A folder streamed from shards: packed once into the cache (the same split as the
+    folder loader makes: same listing, fractions and seed), then read as a shard set."""
+    d = cfg.data
+    root = find_data_path(d.name)
+    listing = list_images(root)
+    h = hashlib.sha256(f"{root.resolve()}|{d.val_split}|{d.test_split}|{cfg.train.seed}".encode())
+    for split, files in sorted(listing.splits.items()):
+        for path, label in files:
+            stat = path.stat()
+            h.update(f"{split}|{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    out = user_cache_dir() / "shards" / h.hexdigest()[:32]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out.parent / f".{out.name}.lock"):  # one packer per machine
+        if not (out / INDEX_FILE).exists():
+            pack(
+                str(root),
+                out,
+                val_split=d.val_split,
+                test_split=d.test_split,
+                seed=cfg.train.seed,
+                overwrite=True,
+            )
+    data = _load_shards(cfg, str(out), pre, preprocessing, stream)
+    data.notes.insert(0, f"streaming ({why}): {display_name(str(root))} packed to shards in {out}")
+    data.name = display_name(root.name)
     return data
 
 
@@ -84,7 +135,7 @@ def load_trained_data(cfg: Config, preprocessing: dict, split_file: Path) -> Dat
 
 
 def _load_shards(
-    cfg: Config, pre: Preprocessing | None, preprocessing: dict | None, stream: bool
+    cfg: Config, name: str, pre: Preprocessing | None, preprocessing: dict | None, stream: bool
 ) -> DataSplits:
     """A shard set: at the size and channels a run was trained at, a backbone's, or the
     ones its index suggests (--image-size first)."""
@@ -93,7 +144,7 @@ def _load_shards(
             "--limit takes a subset of a data set in memory; a shard set streams whole: "
             "pack a subset instead (cnnkit datasets pack ... with a smaller source)"
         )
-    shards = read_shard_set(cfg.data.name)
+    shards = read_shard_set(name)
     if preprocessing is not None:
         size, crop_pct = preprocessing["size"][0], preprocessing.get("crop_pct", 1.0)
         channels = preprocessing.get("channels", 3)

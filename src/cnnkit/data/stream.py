@@ -49,12 +49,14 @@ CHUNK = 64
 
 @dataclass(frozen=True)
 class StreamedData:
-    """A data set trained from shards: its splits and how their images are decoded."""
+    """A data set trained from shards: its splits (train and val stream while training;
+    test is read by evaluation) and how their images are decoded."""
 
     splits: dict[str, ShardSplit]
     channels: int
     size: int  # decoded (stored) size, as the folder cache would store it
     workers: int  # decoding processes per rank
+    from_builtin: bool = False  # packed from a built-in set (augmented as one: not at all)
 
     def count(self, split: str) -> int:
         return self.splits[split].count if split in self.splits else 0
@@ -222,10 +224,11 @@ def load_streamed(
         torch.empty(0, dtype=torch.long),
     )
     streamed = StreamedData(
-        {s: shards.splits[s] for s in ("train", "val") if s in shards.splits},
+        {s: shards.splits[s] for s in ("train", "val", "test") if s in shards.splits},
         channels,
         stored,
         default_workers(),
+        from_builtin=_is_builtin(str(shards.index.get("source", ""))),
     )
     if normalization is None:
         normalization = channel_stats(_first_images(streamed, STATS_SAMPLES))
@@ -247,6 +250,12 @@ def load_streamed(
         input_size=(size, size),
         streamed=streamed,
     )
+
+
+def _is_builtin(name: str) -> bool:
+    from . import is_builtin  # the package's own function (the package imports this module)
+
+    return is_builtin(name)
 
 
 def _first_images(data: StreamedData, limit: int) -> torch.Tensor:

@@ -132,7 +132,7 @@ def describe_run(
 
 def _split_sizes(data) -> dict[str, int]:
     if data.streamed is not None:  # a shard set: its index's counts
-        return {s: data.streamed.count(s) for s in ("train", "val")} | {"test": 0}
+        return {s: data.streamed.count(s) for s in ("train", "val", "test")}
     parts = {"train": data.train, "val": data.val, "test": data.test}
     return {name: len(part) if part is not None else 0 for name, part in parts.items()}
 

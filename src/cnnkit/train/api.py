@@ -29,7 +29,6 @@ from cnnkit.config import Config, apply_overrides, dump_config, load_config, res
 from cnnkit.data import DataSplits
 from cnnkit.data.doctor import quick_check
 from cnnkit.data.resolve import load_data, weights_preprocessing
-from cnnkit.data.shards import read_shard_set
 from cnnkit.device import ExecutionContext, World
 from cnnkit.models import create_model
 from cnnkit.progress import silenced
@@ -185,7 +184,7 @@ def _header(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> None:
     has_test = data.test is not None and len(data.test) > 0
     if data.streamed is not None:
         split = "splits of the shard set"
-        has_test = "test" in read_shard_set(d.name).splits
+        has_test = "test" in data.streamed.splits
     say(
         f"data   {data.name}: {data.sizes()} images of {c}x{h}x{w}, {len(data.classes)} classes "
         f"({split}; {'test held out' if has_test else 'no test split'})"

@@ -40,7 +40,8 @@ def resolve_augment(cfg: Config, data: DataSplits, stage: str) -> str:
     the Keras tutorial's, for grayscale folders)."""
     if cfg.data.augment != "auto":
         return cfg.data.augment
-    if data.files is None:
+    built_in = data.streamed.from_builtin if data.streamed is not None else data.files is None
+    if built_in:
         return "none"
     if stage == "head" and cfg.finetune.cache_features:
         return "none"
