@@ -257,7 +257,7 @@ def _train_stage(plan: _Plan, stage: Stage, run_dir: Path, hooks, say, state, re
     current = resumed["state"]["stage"] if resumed else None
     prepare_stage(model, stage, cfg)
     trainee, data, ctx = model, plan.data, plan.ctx
-    cached = cfg.finetune.cache_features and plan.data.streamed is None  # (streams: no cache)
+    cached = cfg.finetune.cache_features
     if stage.name == "head" and stage.augment == "none" and cached:
         trainee, data = _head_on_features(plan, say)
         ctx = ctx.for_features()

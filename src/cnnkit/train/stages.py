@@ -13,6 +13,7 @@ from torch import nn
 from cnnkit.config import Config
 from cnnkit.data import DataSplits, ImageTensors
 from cnnkit.data.memory import Normalizer
+from cnnkit.data.stream import StreamPlan, rank_count, stream_batches
 from cnnkit.device import ExecutionContext
 from cnnkit.models.pretrained import BackboneClassifier
 from cnnkit.progress import progress
@@ -103,6 +104,8 @@ def backbone_features(
     normalizer = Normalizer(data.mean, data.std, ctx.device, crop=data.input_size)
 
     world = ctx.world
+    if data.streamed is not None:
+        return _streamed_features(model, data, ctx, normalizer)
     parts = [p for p in (data.train, data.val) if p is not None]
     # Chunks of a few evaluation batches: the bar moves every second or so on a CPU.
     chunk = 4 * ctx.eval_batch
@@ -126,4 +129,48 @@ def backbone_features(
         train, val = features(data.train), features(data.val)
     return DataSplits(
         data.name, data.classes, train, val, None, data.mean, data.std, is_features=True
+    )
+
+
+def _streamed_features(
+    model: BackboneClassifier, data: DataSplits, ctx: ExecutionContext, normalizer: Normalizer
+) -> DataSplits:
+    """backbone_features of a streamed data set: each rank streams its samples of the
+    train and val splits in index order; the features and labels are gathered."""
+    world, streamed = ctx.world, data.streamed
+    names = [s for s in ("train", "val") if s in streamed.splits]
+    total = sum(rank_count(streamed.splits[s], world.rank, world.size) for s in names)
+    parts = {}
+    with progress("backbone features", total, summary=False) as advance:
+        for name in names:
+            plan = StreamPlan(
+                streamed.splits[name],
+                streamed.channels,
+                streamed.size,
+                seed=0,
+                epoch=0,
+                rank=world.rank,
+                world_size=world.size,
+                shuffle=False,
+            )
+            features, labels = [], []
+            for images, batch_labels in stream_batches(plan, 4 * ctx.eval_batch, streamed.workers):
+                features.append(batched_forward(model.features, images, normalizer, ctx))
+                labels.append(batch_labels.to(ctx.device))
+                advance(len(batch_labels))
+            mine = torch.cat(features) if features else torch.empty(0, device=ctx.device)
+            mine_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+            parts[name] = ImageTensors(
+                distributed.gather_rows(mine, world),
+                distributed.gather_rows(mine_labels.to(ctx.device), world).cpu(),
+            )
+    return DataSplits(
+        data.name,
+        data.classes,
+        parts["train"],
+        parts.get("val"),
+        None,
+        data.mean,
+        data.std,
+        is_features=True,
     )
