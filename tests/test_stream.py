@@ -1,0 +1,472 @@
+"""Streaming from WebDataset shards (data/stream.py): every sample once per epoch over
+all ranks and workers, a deterministic order, skipped corrupt samples, and training from
+shards end to end (one process, two, and an interrupted epoch resumed).
+
+The in-process tests read tiny PNGs whose pixels encode a unique id (PNG is lossless and
+the pack keeps the files' bytes), so a streamed sample names the file it came from.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnkit.data import BUILTINS, is_available
+from cnnkit.data.shards import INDEX_FILE, decode_sample, iter_shard, pack, read_shard_set
+from cnnkit.data.stream import StreamPlan, rank_count, shard_order, stream_batches
+
+ID_CLASSES = ("a", "b", "c")
+ID_IMAGES = 121
+SIDE = 8
+BATCH = 5
+RUN_TIMEOUT = 300
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _id_png(i: int) -> bytes:
+    """An 8x8 grayscale PNG holding ``i`` in its first two pixels."""
+    a = np.full((SIDE, SIDE), 77, np.uint8)
+    a[0, 0], a[0, 1] = i % 256, i // 256
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _decoded_id(data: bytes) -> int:
+    return _ids(torch.from_numpy(decode_sample(data, 1, SIDE).copy())[None])[0]
+
+
+def _ids(images: torch.Tensor) -> list[int]:
+    """The ids of uint8 (B, 1, 8, 8) images made by _id_png."""
+    return (images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist()
+
+
+def _class_of(i: int) -> int:
+    return i % len(ID_CLASSES)
+
+
+def _stream(split, world: int, rank: int, workers: int, epoch: int = 0, skip: int = 0, seed=7):
+    """[(ids, labels)] of each batch one rank streams."""
+    plan = StreamPlan(split, 1, SIDE, seed, epoch, rank=rank, world_size=world)
+    return [
+        (_ids(x), y.tolist(), x.dtype, tuple(x.shape[1:]))
+        for x, y in stream_batches(plan, BATCH, workers, skip=skip)
+    ]
+
+
+def _flat(batches) -> list[int]:
+    return [i for ids, *_ in batches for i in ids]
+
+
+def _need_mnist():
+    if is_available(BUILTINS["mnist"]) is None:
+        message = "MNIST not found; set CNNKIT_DATA to a directory holding mnist/"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _env(where: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env.update(
+        CNNKIT_OFFLINE="1",
+        CNNKIT_DIST_TIMEOUT="60",
+        XDG_CACHE_HOME=str(where / "cache"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def _cnnkit(*args) -> list[str]:
+    return [sys.executable, "-m", "cnnkit", *map(str, args)]
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, (cmd, done.returncode, done.stdout[-3000:], done.stderr[-3000:])
+    return done
+
+
+def _only_run(cwd: Path) -> Path:
+    runs = sorted((cwd / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+# ------------------------------------------------------------------ the id set
+
+
+@pytest.fixture(scope="module")
+def id_shards(tmp_path_factory):
+    """121 8x8 PNGs in 3 class folders, packed 7 to a shard (uneven: the last is short);
+    (the shard set, {id: class index})."""
+    root = tmp_path_factory.mktemp("ids")
+    src = root / "src"
+    classes = {}
+    for i in range(ID_IMAGES):
+        c = _class_of(i)
+        folder = src / ID_CLASSES[c]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:04d}.png").write_bytes(_id_png(i))
+        classes[i] = c
+    pack(str(src), root / "shards", max_count=7, seed=1)
+    return read_shard_set(str(root / "shards")), classes
+
+
+def test_the_id_set_is_several_uneven_shards(id_shards):
+    shards, classes = id_shards
+    train = shards.splits["train"]
+    assert len(train.urls) >= 10 and train.counts[-1] < 7 and set(train.counts[:-1]) == {7}
+    ids = [_decoded_id(d) for u in train.urls for _, d, _ in iter_shard(u)]
+    assert len(ids) == len(set(ids)) == train.count
+    assert train.count % 2 and train.count % 3  # every world size has an uneven tail
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_sample_once_per_epoch_over_ranks_and_workers(id_shards, world, workers):
+    shards, classes = id_shards
+    train = shards.splits["train"]
+    # the training samples, by their position in epoch 0's order of shards
+    positions = []
+    order = shard_order(StreamPlan(train, 1, SIDE, 7, 0, world_size=world))
+    assert sorted(order) == list(range(len(train.urls)))
+    for s in order:
+        for _, data, _label in iter_shard(train.urls[s]):
+            positions.append(_decoded_id(data))
+    everything = []
+    for rank in range(world):
+        batches = _stream(train, world, rank, workers)
+        ids = _flat(batches)
+        n = rank_count(train, rank, world)
+        assert len(ids) == n
+        assert n in (train.count // world, train.count // world + 1)
+        # rank r: the samples whose position in the epoch's shard order is r mod world
+        assert sorted(ids) == sorted(positions[rank::world])
+        # all batches full but the last, ceil(n / batch) of them
+        assert len(batches) == math.ceil(n / BATCH)
+        assert [len(b[0]) for b in batches[:-1]] == [BATCH] * (len(batches) - 1)
+        assert 1 <= len(batches[-1][0]) <= BATCH
+        for b_ids, labels, dtype, shape in batches:
+            assert dtype == torch.uint8 and shape == (1, SIDE, SIDE)
+            assert labels == [classes[i] for i in b_ids]  # each label is its image's
+        everything += ids
+
+        # deterministic: the same (seed, epoch, rank, workers) streams the same batches
+        assert _stream(train, world, rank, workers) == batches
+        # another epoch: the same samples (positions move with the shard order, so the
+        # rank's share may change, but not its size) in another order
+        later = _flat(_stream(train, world, rank, workers, epoch=1))
+        assert len(later) == n and later != ids
+        if world == 1:
+            assert sorted(later) == sorted(ids)
+        # a resumed epoch: the same batches, less the first k
+        for k in (1, len(batches) - 1, len(batches)):
+            assert _stream(train, world, rank, workers, skip=k) == batches[k:]
+    # over all ranks: every training sample exactly once
+    assert sorted(everything) == sorted(positions)
+    assert len(everything) == train.count == len(set(everything))
+    # another epoch over all ranks: the same set once more
+    second = [i for r in range(world) for i in _flat(_stream(train, world, r, workers, epoch=1))]
+    assert sorted(second) == sorted(everything)
+
+
+def test_the_shuffle_mixes_across_the_epoch(id_shards):
+    """The buffer shuffles within a worker's stream: the first batch of an epoch is not
+    simply the first shard's first samples, and other seeds give other orders."""
+    shards, _ = id_shards
+    train = shards.splits["train"]
+    orders = {tuple(_flat(_stream(train, 1, 0, 0, seed=seed))) for seed in range(4)}
+    assert len(orders) == 4
+    unshuffled = StreamPlan(train, 1, SIDE, 7, 0, shuffle=False)
+    in_index_order = _flat([(_ids(x),) for x, _ in stream_batches(unshuffled, BATCH, 0)])
+    expected = [_decoded_id(d) for u in train.urls for _, d, _ in iter_shard(u)]
+    assert in_index_order == expected
+
+
+# ------------------------------------------------------------------ corrupt samples
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def corrupt_set(tmp_path):
+    """Two shards of 4 samples; train-00000002 (in the first) is a truncated PNG."""
+    members = [[], []]
+    for i in range(8):
+        data = _id_png(i)
+        if i == 2:
+            data = data[:40]
+        members[i // 4] += [(f"train-{i:08d}.png", data), (f"train-{i:08d}.cls", b"0")]
+    for s in range(2):
+        _write_tar(tmp_path / f"train-{s:06d}.tar", members[s])
+    index = {
+        "format": "cnnkit.shards/1",
+        "classes": ["a", "b"],
+        "channels": 1,
+        "image_size": SIDE,
+        "splits": {
+            "train": {
+                "count": 8,
+                "class_counts": [8, 0],
+                "shards": [{"name": f"train-{s:06d}.tar", "count": 4, "bytes": 0} for s in (0, 1)],
+            }
+        },
+    }
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    return read_shard_set(str(tmp_path))
+
+
+def test_a_corrupt_sample_is_skipped_with_a_warning_naming_it(corrupt_set):
+    train = corrupt_set.splits["train"]
+    plan = StreamPlan(train, 1, SIDE, 0, 0)
+    with pytest.warns(UserWarning, match="train-00000002") as caught:
+        batches = list(stream_batches(plan, 3, workers=0))
+    assert any("train-000000.tar" in str(w.message) for w in caught)
+    ids = [i for x, _ in batches for i in _ids(x)]
+    assert sorted(ids) == [0, 1, 3, 4, 5, 6, 7]
+    assert [len(y) for _, y in batches] == [3, 3, 1]
+
+
+def test_a_corrupt_sample_in_a_worker_process_is_reported(corrupt_set, tmp_path):
+    """In DataLoader workers (where training decodes) the others still stream, and the
+    warning reaches stderr (a subprocess: pytest's warning capture would swallow it)."""
+    train = corrupt_set.splits["train"]
+    with warnings_ignored():
+        for world, workers in ((1, 2), (2, 2), (1, 3)):  # 3 workers, 2 shards: one idle
+            ids = []
+            for rank in range(world):
+                plan = StreamPlan(train, 1, SIDE, 0, 0, rank=rank, world_size=world)
+                ids += [i for x, _ in stream_batches(plan, 3, workers) for i in _ids(x)]
+            assert sorted(ids) == [0, 1, 3, 4, 5, 6, 7], (world, workers)
+    script = (
+        "import sys\n"
+        "from cnnkit.data.shards import read_shard_set\n"
+        "from cnnkit.data.stream import StreamPlan, stream_batches\n"
+        "train = read_shard_set(sys.argv[1]).splits['train']\n"
+        "n = sum(len(y) for _, y in stream_batches(StreamPlan(train, 1, 8, 0, 0), 3, 2))\n"
+        "print('STREAMED', n)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, corrupt_set.location],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "STREAMED 7" in done.stdout
+    assert "train-00000002" in done.stderr, done.stderr[-3000:]
+
+
+@contextlib.contextmanager
+def warnings_ignored():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ------------------------------------------------------------------ training from shards
+
+DIGITS = 3000  # MNIST training digits written as PNG files, 10 class folders
+# No augmentation, lr 2e-3: two epochs reach ~86-88% validation accuracy on 2,100 digits.
+TRAIN = [
+    "--model", "conv8-pool-fc32", "--epochs", "2", "--val-split", "0.2", "--augment", "none",
+    "--lr", "0.002",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """(a folder of 3,000 MNIST digits as PNGs, its shard set: 2,100 train in 6 shards,
+    600 val, 300 test)."""
+    _need_mnist()
+    from cnnkit.data.builtin import load_builtin
+
+    root = tmp_path_factory.mktemp("digits")
+    raw = load_builtin("mnist")
+    folder = root / "digits"
+    for i in range(DIGITS):
+        d = folder / str(int(raw.train_labels[i]))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(raw.train_images[i][0]).save(d / f"{i:05d}.png")
+    shards = root / "shards"
+    _run(_cnnkit("datasets", "pack", folder, shards, "--max-count", "400", "--val-split", "0.2"),
+         root)  # fmt: skip
+    index = read_shard_set(str(shards))
+    assert index.splits["train"].count == 2100 and len(index.splits["train"].urls) == 6
+    return folder, shards
+
+
+def _train_count_is(row: dict, n: int) -> None:
+    """The epoch trained on n images: images/s x seconds, and an accuracy of k / n."""
+    seen = float(row["images_per_s"]) * float(row["seconds"])
+    assert abs(seen - n) < 1e-6 * n, (seen, n, row)
+    correct = float(row["train_acc"]) * n
+    assert abs(correct - round(correct)) < 1e-6, (correct, n, row)
+
+
+@pytest.fixture(scope="module")
+def streamed_run(digits, tmp_path_factory):
+    _, shards = digits
+    where = tmp_path_factory.mktemp("streamed")
+    start = time.monotonic()
+    done = _run(_cnnkit("train", "--data", shards, *TRAIN, "--name", "s"), where)
+    return where / "runs" / "s", done, time.monotonic() - start
+
+
+def test_train_from_shards_then_evaluate_and_predict(digits, streamed_run):
+    folder, shards = digits
+    run_dir, done, _ = streamed_run
+    log = (run_dir / "train.log").read_text()
+    assert "streaming 2,100 training images from 6 shard(s)" in log, log
+    assert "validation streamed too" in log
+    rows = _metrics(run_dir)
+    assert len(rows) == 2, rows
+    for row in rows:
+        _train_count_is(row, 2100)
+        val = float(row["val_acc"]) * 600  # every validation image once
+        assert abs(val - round(val)) < 1e-6, row
+    assert float(rows[-1]["val_acc"]) > 0.8, rows
+    best_val = max(float(r["val_acc"]) for r in rows)
+
+    where = run_dir.parent.parent
+    test = json.loads(_run(_cnnkit("evaluate", run_dir, "--json"), where).stdout)
+    assert test["split"] == "test" and test["num_images"] == 300
+    assert test["accuracy"] > 0.8, test["accuracy"]
+    val = json.loads(_run(_cnnkit("evaluate", run_dir, "--split", "val", "--json"), where).stdout)
+    assert val["num_images"] == 600
+    # best.pt on the same 600 images: the accuracy validation measured while training
+    assert abs(val["accuracy"] - best_val) < 1e-9, (val["accuracy"], rows)
+
+    png = next((folder / "3").glob("*.png"))
+    out = _run(_cnnkit("predict", run_dir, png, "--json"), where).stdout
+    prediction = json.loads(out)["predictions"][0]
+    assert prediction["label"] == "3", prediction
+
+
+def test_streamed_training_matches_folder_training(digits, streamed_run, tmp_path):
+    """The same data from the folder (in memory): the same splits, the accuracy within
+    noise of the streamed run's (the order of the samples differs, so not equal)."""
+    folder, _ = digits
+    streamed, _, _ = streamed_run
+    _run(_cnnkit("train", "--data", folder, *TRAIN, "--name", "f"), tmp_path)
+    in_memory = tmp_path / "runs" / "f"
+    assert "streaming" not in (in_memory / "train.log").read_text()
+    a, b = _metrics(streamed), _metrics(in_memory)
+    assert len(a) == len(b) == 2
+    _train_count_is(b[-1], 2100)
+    diff = abs(float(a[-1]["val_acc"]) - float(b[-1]["val_acc"]))
+    assert diff < 0.05, (a[-1], b[-1])
+    assert a[-1]["train_loss"] != b[-1]["train_loss"]  # another order of samples
+
+
+def test_two_processes_stream_every_sample_once(digits, tmp_path):
+    _, shards = digits
+    done = _run(_cnnkit("train", "--data", shards, *TRAIN, "--nproc", "2"), tmp_path)
+    run_dir = _only_run(tmp_path)
+    log = (run_dir / "train.log").read_text()
+    assert "2 processes" in log and "streaming" in log, log
+    rows = _metrics(run_dir)
+    assert len(rows) == 2, rows
+    for row in rows:
+        _train_count_is(row, 2100)  # summed over the ranks: 1,050 each, none twice
+        val = float(row["val_acc"]) * 600
+        assert abs(val - round(val)) < 1e-6, row
+    assert float(rows[-1]["val_acc"]) > 0.8, rows
+    assert done.stdout.count("epoch 2/2 ") == 1, done.stdout
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+
+def test_an_interrupted_streamed_epoch_resumes_exactly(digits, tmp_path):
+    """Ctrl-C (SIGINT to the process group, DataLoader workers included) mid-epoch, then
+    --resume: the weights of a run that never stopped. A larger model and batches of 8
+    (~260 steps): an epoch of ~15 s on two cores, time to interrupt it."""
+    _, shards = digits
+    args = ["--data", shards, *TRAIN, "--epochs", "1", "--batch-size", "8"]
+    args[args.index("--model") + 1] = "conv32-conv32-pool-fc64"
+    _run(_cnnkit("train", *args, "--name", "full"), tmp_path)
+    proc = subprocess.Popen(
+        _cnnkit("train", *args, "--name", "cut"),
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    log = tmp_path / "runs" / "cut" / "train.log"
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "train stage:" in log.read_text()):
+            assert proc.poll() is None, proc.communicate(timeout=30)
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        time.sleep(2.0)
+        assert proc.poll() is None, "the epoch ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            _kill_job(proc)
+    assert proc.returncode == 130, (out[-2000:], err[-2000:])
+    cut = tmp_path / "runs" / "cut"
+    from cnnkit.runs.checkpoint import load_checkpoint
+
+    state = load_checkpoint(cut / "last.pt")["train_state"]["state"]
+    assert state["epoch"] == 0 and state["step"] > 0, state  # saved mid-epoch
+    _run(_cnnkit("train", "--resume", cut), tmp_path)
+    full = tmp_path / "runs" / "full"
+    wa, wb = _weights(cut), _weights(full)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=0, atol=1e-5), (
+            k,
+            (wa[k].float() - wb[k].float()).abs().max().item(),
+        )
+    a, b = _metrics(cut), _metrics(full)
+    assert len(a) == len(b) == 1
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert abs(float(a[0][key]) - float(b[0][key])) < 1e-5, (key, a, b)
+    _train_count_is(a[0], 2100)
