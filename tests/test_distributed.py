@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnkit.data import BUILTINS, is_available
+from cli_runs import cli_env, cnnkit_cmd, metrics, need_mnist, only_run, run, weights
 from cnnkit.runs.checkpoint import load_checkpoint
 
 ELASTIC_MARKER = ".cnnkit-elastic.json"
@@ -32,65 +32,11 @@ BIG = [
 ]  # fmt: skip
 ATOL = 1e-5
 NUMERIC = ("train_loss", "train_acc", "val_loss", "val_acc")
-RUN_TIMEOUT = 300
-
-
-def _need_mnist():
-    if is_available(BUILTINS["mnist"]) is None:
-        message = "MNIST not found; set CNNKIT_DATA to a directory holding mnist/"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-def _env(where: Path, **extra) -> dict:
-    env = dict(os.environ)
-    env.update(
-        CNNKIT_OFFLINE="1",
-        CNNKIT_DIST_TIMEOUT="60",
-        XDG_CACHE_HOME=str(where / "cache"),
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
 
 
 def _torchrun() -> list[str]:
     script = Path(sys.executable).with_name("torchrun")
     return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
-
-
-def cnnkit_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "cnnkit", *args]
-
-
-def run(
-    cmd: list[str], cwd: Path, timeout: float = RUN_TIMEOUT, **env
-) -> subprocess.CompletedProcess:
-    cwd.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        cmd, cwd=cwd, env=_env(cwd, **env), capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, (cmd, done.returncode, done.stdout[-3000:], done.stderr[-3000:])
-    return done
-
-
-def only_run(cwd: Path) -> Path:
-    """The one run directory under cwd/runs (fails when there are several)."""
-    runs = sorted(p for p in (cwd / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["state_dict"]
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    import csv
-
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def assert_close_runs(a: Path, b: Path, atol: float = ATOL):
@@ -196,7 +142,7 @@ def _worker(parent: int, rank: int) -> int:
 def small_runs(tmp_path_factory):
     """SMALL trained by one process and by torchrun with two (each run auto-named, each in
     its own directory)."""
-    _need_mnist()
+    need_mnist()
     root = tmp_path_factory.mktemp("small")
     run(cnnkit_cmd("train", *SMALL), root / "one")
     done = run(
@@ -214,7 +160,7 @@ def small_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def big_full(tmp_path_factory):
     """BIG trained uninterrupted by ``--nproc 2``."""
-    _need_mnist()
+    need_mnist()
     where = tmp_path_factory.mktemp("big")
     run(cnnkit_cmd("train", *BIG, "--nproc", "2", "--name", "full"), where)
     return where / "runs" / "full"
@@ -290,7 +236,7 @@ def test_resume_on_a_different_number_of_processes(small_runs, tmp_path):
 
 
 def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(big_full, tmp_path):
-    env = _env(tmp_path)
+    env = cli_env(tmp_path)
     proc = subprocess.Popen(
         cnnkit_cmd("train", *BIG, "--nproc", "2", "--name", "cut"),
         cwd=tmp_path,
@@ -321,11 +267,11 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(big_full, tmp_path):
 
 
 def test_kill_9_of_one_rank_ends_the_job_with_a_clear_error(tmp_path):
-    _need_mnist()
+    need_mnist()
     proc = subprocess.Popen(
         cnnkit_cmd("train", *BIG, "--nproc", "2", "--name", "killed"),
         cwd=tmp_path,
-        env=_env(tmp_path),
+        env=cli_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -367,7 +313,7 @@ def test_torchrun_restart_resumes_the_run(big_full, tmp_path):
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
-        env=_env(tmp_path),
+        env=cli_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -532,7 +478,7 @@ def test_batch_smaller_than_the_world_is_refused(mnist_dir, tmp_path):
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
 )
 def test_two_gpus_nccl_bf16_compiled(tmp_path):
-    _need_mnist()
+    need_mnist()
     done = run(
         [
             *_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "cnnkit", "train",

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_runs import write_tar
 from cnnkit.cli import main
 from cnnkit.data.decode import ImageReadError
 from cnnkit.data.folder import decode_one, load_folder
@@ -127,19 +128,11 @@ def test_corrupt_files_are_reported_and_left_out(photos, tmp_path, capsys):
     assert sum(s["count"] for s in index["splits"].values()) == 30
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_a_bad_sample_inside_a_shard_is_skipped_by_key(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(buf, "PNG")
     png = buf.getvalue()
-    _write_tar(
+    write_tar(
         tmp_path / "train-000000.tar",
         [
             ("train-00000000.png", png),

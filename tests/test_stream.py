@@ -7,7 +7,6 @@ the pack keeps the files' bytes), so a streamed sample names the file it came fr
 """
 
 import contextlib
-import csv
 import io
 import json
 import math
@@ -15,16 +14,23 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cnnkit.data import BUILTINS, is_available
+from cli_runs import (
+    cli_env,
+    cnnkit_cmd,
+    metrics,
+    need_mnist,
+    only_run,
+    run,
+    weights,
+    write_tar,
+)
 from cnnkit.data.shards import INDEX_FILE, decode_sample, iter_shard, pack, read_shard_set
 from cnnkit.data.stream import StreamPlan, rank_count, shard_order, stream_batches
 
@@ -32,7 +38,6 @@ ID_CLASSES = ("a", "b", "c")
 ID_IMAGES = 121
 SIDE = 8
 BATCH = 5
-RUN_TIMEOUT = 300
 
 
 # ------------------------------------------------------------------ helpers
@@ -71,54 +76,6 @@ def _stream(split, world: int, rank: int, workers: int, epoch: int = 0, skip: in
 
 def _flat(batches) -> list[int]:
     return [i for ids, *_ in batches for i in ids]
-
-
-def _need_mnist():
-    if is_available(BUILTINS["mnist"]) is None:
-        message = "MNIST not found; set CNNKIT_DATA to a directory holding mnist/"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-def _env(where: Path, **extra) -> dict:
-    env = dict(os.environ)
-    env.update(
-        CNNKIT_OFFLINE="1",
-        CNNKIT_DIST_TIMEOUT="60",
-        XDG_CACHE_HOME=str(where / "cache"),
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
-
-
-def _cnnkit(*args) -> list[str]:
-    return [sys.executable, "-m", "cnnkit", *map(str, args)]
-
-
-def _run(cmd: list[str], cwd: Path, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    cwd.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, (cmd, done.returncode, done.stdout[-3000:], done.stderr[-3000:])
-    return done
-
-
-def _only_run(cwd: Path) -> Path:
-    runs = sorted((cwd / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def _weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["state_dict"]
 
 
 # ------------------------------------------------------------------ the id set
@@ -215,14 +172,6 @@ def test_the_shuffle_mixes_across_the_epoch(id_shards):
 # ------------------------------------------------------------------ corrupt samples
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture()
 def corrupt_set(tmp_path):
     """Two shards of 4 samples; train-00000002 (in the first) is a truncated PNG."""
@@ -233,7 +182,7 @@ def corrupt_set(tmp_path):
             data = data[:40]
         members[i // 4] += [(f"train-{i:08d}.png", data), (f"train-{i:08d}.cls", b"0")]
     for s in range(2):
-        _write_tar(tmp_path / f"train-{s:06d}.tar", members[s])
+        write_tar(tmp_path / f"train-{s:06d}.tar", members[s])
     index = {
         "format": "cnnkit.shards/1",
         "classes": ["a", "b"],
@@ -286,7 +235,7 @@ def test_a_corrupt_sample_in_a_worker_process_is_reported(corrupt_set, tmp_path)
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(tmp_path),
+        env=cli_env(tmp_path),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "STREAMED 7" in done.stdout
@@ -316,7 +265,7 @@ TRAIN = [
 def digits(tmp_path_factory):
     """(a folder of 3,000 MNIST digits as PNGs, its shard set: 2,100 train in 6 shards,
     600 val, 300 test)."""
-    _need_mnist()
+    need_mnist()
     from cnnkit.data.builtin import load_builtin
 
     root = tmp_path_factory.mktemp("digits")
@@ -327,7 +276,7 @@ def digits(tmp_path_factory):
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(raw.train_images[i][0]).save(d / f"{i:05d}.png")
     shards = root / "shards"
-    _run(_cnnkit("datasets", "pack", folder, shards, "--max-count", "400", "--val-split", "0.2"),
+    run(cnnkit_cmd("datasets", "pack", folder, shards, "--max-count", "400", "--val-split", "0.2"),
          root)  # fmt: skip
     index = read_shard_set(str(shards))
     assert index.splits["train"].count == 2100 and len(index.splits["train"].urls) == 6
@@ -347,7 +296,7 @@ def streamed_run(digits, tmp_path_factory):
     _, shards = digits
     where = tmp_path_factory.mktemp("streamed")
     start = time.monotonic()
-    done = _run(_cnnkit("train", "--data", shards, *TRAIN, "--name", "s"), where)
+    done = run(cnnkit_cmd("train", "--data", shards, *TRAIN, "--name", "s"), where)
     return where / "runs" / "s", done, time.monotonic() - start
 
 
@@ -357,7 +306,7 @@ def test_train_from_shards_then_evaluate_and_predict(digits, streamed_run):
     log = (run_dir / "train.log").read_text()
     assert "streaming 2,100 training images from 6 shard(s)" in log, log
     assert "validation streamed too" in log
-    rows = _metrics(run_dir)
+    rows = metrics(run_dir)
     assert len(rows) == 2, rows
     for row in rows:
         _train_count_is(row, 2100)
@@ -367,16 +316,16 @@ def test_train_from_shards_then_evaluate_and_predict(digits, streamed_run):
     best_val = max(float(r["val_acc"]) for r in rows)
 
     where = run_dir.parent.parent
-    test = json.loads(_run(_cnnkit("evaluate", run_dir, "--json"), where).stdout)
+    test = json.loads(run(cnnkit_cmd("evaluate", run_dir, "--json"), where).stdout)
     assert test["split"] == "test" and test["num_images"] == 300
     assert test["accuracy"] > 0.8, test["accuracy"]
-    val = json.loads(_run(_cnnkit("evaluate", run_dir, "--split", "val", "--json"), where).stdout)
+    val = json.loads(run(cnnkit_cmd("evaluate", run_dir, "--split", "val", "--json"), where).stdout)
     assert val["num_images"] == 600
     # best.pt on the same 600 images: the accuracy validation measured while training
     assert abs(val["accuracy"] - best_val) < 1e-9, (val["accuracy"], rows)
 
     png = next((folder / "3").glob("*.png"))
-    out = _run(_cnnkit("predict", run_dir, png, "--json"), where).stdout
+    out = run(cnnkit_cmd("predict", run_dir, png, "--json"), where).stdout
     prediction = json.loads(out)["predictions"][0]
     assert prediction["label"] == "3", prediction
 
@@ -386,10 +335,10 @@ def test_streamed_training_matches_folder_training(digits, streamed_run, tmp_pat
     noise of the streamed run's (the order of the samples differs, so not equal)."""
     folder, _ = digits
     streamed, _, _ = streamed_run
-    _run(_cnnkit("train", "--data", folder, *TRAIN, "--name", "f"), tmp_path)
+    run(cnnkit_cmd("train", "--data", folder, *TRAIN, "--name", "f"), tmp_path)
     in_memory = tmp_path / "runs" / "f"
     assert "streaming" not in (in_memory / "train.log").read_text()
-    a, b = _metrics(streamed), _metrics(in_memory)
+    a, b = metrics(streamed), metrics(in_memory)
     assert len(a) == len(b) == 2
     _train_count_is(b[-1], 2100)
     diff = abs(float(a[-1]["val_acc"]) - float(b[-1]["val_acc"]))
@@ -399,11 +348,11 @@ def test_streamed_training_matches_folder_training(digits, streamed_run, tmp_pat
 
 def test_two_processes_stream_every_sample_once(digits, tmp_path):
     _, shards = digits
-    done = _run(_cnnkit("train", "--data", shards, *TRAIN, "--nproc", "2"), tmp_path)
-    run_dir = _only_run(tmp_path)
+    done = run(cnnkit_cmd("train", "--data", shards, *TRAIN, "--nproc", "2"), tmp_path)
+    run_dir = only_run(tmp_path)
     log = (run_dir / "train.log").read_text()
     assert "2 processes" in log and "streaming" in log, log
-    rows = _metrics(run_dir)
+    rows = metrics(run_dir)
     assert len(rows) == 2, rows
     for row in rows:
         _train_count_is(row, 2100)  # summed over the ranks: 1,050 each, none twice
@@ -426,11 +375,11 @@ def test_an_interrupted_streamed_epoch_resumes_exactly(digits, tmp_path):
     _, shards = digits
     args = ["--data", shards, *TRAIN, "--epochs", "1", "--batch-size", "8"]
     args[args.index("--model") + 1] = "conv32-conv32-pool-fc64"
-    _run(_cnnkit("train", *args, "--name", "full"), tmp_path)
+    run(cnnkit_cmd("train", *args, "--name", "full"), tmp_path)
     proc = subprocess.Popen(
-        _cnnkit("train", *args, "--name", "cut"),
+        cnnkit_cmd("train", *args, "--name", "cut"),
         cwd=tmp_path,
-        env=_env(tmp_path),
+        env=cli_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -456,16 +405,16 @@ def test_an_interrupted_streamed_epoch_resumes_exactly(digits, tmp_path):
 
     state = load_checkpoint(cut / "last.pt")["train_state"]["state"]
     assert state["epoch"] == 0 and state["step"] > 0, state  # saved mid-epoch
-    _run(_cnnkit("train", "--resume", cut), tmp_path)
+    run(cnnkit_cmd("train", "--resume", cut), tmp_path)
     full = tmp_path / "runs" / "full"
-    wa, wb = _weights(cut), _weights(full)
+    wa, wb = weights(cut), weights(full)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), rtol=0, atol=1e-5), (
             k,
             (wa[k].float() - wb[k].float()).abs().max().item(),
         )
-    a, b = _metrics(cut), _metrics(full)
+    a, b = metrics(cut), metrics(full)
     assert len(a) == len(b) == 1
     for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert abs(float(a[0][key]) - float(b[0][key])) < 1e-5, (key, a, b)
