@@ -27,7 +27,7 @@ SMALL = [
 ]  # fmt: skip
 # An epoch of a few seconds on two processes (~190 steps): time to interrupt it mid-way.
 BIG = [
-    "--data", "mnist", "--model", "conv8-pool-fc32", "--limit", "12000",
+    "--data", "mnist", "--model", "conv8-pool-fc32", "--limit", "20000",
     "--epochs", "2", "--batch-size", "64",
 ]  # fmt: skip
 ATOL = 1e-5
@@ -248,7 +248,8 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(big_full, tmp_path):
     )
     try:
         _wait_for(_training_started(tmp_path / "runs"), proc, 120, "training")
-        time.sleep(1.0)
+        # An epoch of 20,000 images takes seconds: a moment in, it is mid-epoch 1.
+        time.sleep(0.3)
         assert proc.poll() is None, "the run ended before it could be interrupted"
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=90)

@@ -251,3 +251,13 @@ def test_mnist_packs_losslessly(mnist_dir, tmp_path):
 def test_decode_matches_the_folder_cache(photos):
     for f in sorted(photos.rglob("*.jpg"))[:3]:
         assert np.array_equal(decode_sample(f.read_bytes(), 3, 16), decode_one(f, 3, 16))
+
+
+def test_a_brace_pattern_of_shards_names_the_set_they_are_in(photos, tmp_path):
+    out = tmp_path / "shards"
+    pack(str(photos), out, max_count=4)
+    pattern = str(out / "train-{000000..000099}.tar")
+    assert is_shard_set(pattern)
+    shards = read_shard_set(pattern)
+    assert shards.splits["train"].count == read_shard_set(str(out)).splits["train"].count
+    assert not is_shard_set(str(tmp_path / "elsewhere" / "train-{000000..000001}.tar"))

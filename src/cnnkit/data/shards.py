@@ -132,6 +132,10 @@ def _index_location(name: str) -> tuple[str, str]:
     if name.rstrip("/").endswith(INDEX_FILE):
         index = name.rstrip("/")
         return index, index[: -len(INDEX_FILE)].rstrip("/") or "."
+    if re.search(r"\{\d+\.\.\d+\}", name) and name.endswith(".tar"):
+        # a brace pattern of shards ('https://host/train-{000000..000099}.tar'): the set is
+        # the folder they are in, whose index.json names every split's shards
+        return _index_location(name.rsplit("/", 1)[0] if "/" in name else ".")
     if _is_url(name):
         return name.rstrip("/") + "/" + INDEX_FILE, name.rstrip("/")
     path = find_data_path(name)
