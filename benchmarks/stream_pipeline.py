@@ -7,7 +7,7 @@ throughput at 224 px, and the streamed path's peak memory at two data-set sizes.
    1 and 2 DataLoader workers:
 
    a. ``stream``: cnnkit's streaming from WebDataset shards. The folder is packed once,
-      untimed, with ``cnnkit.data.shards.pack(src, out, max_count=--shard-samples,
+      untimed, with ``cnnkit.data.pack.pack(src, out, max_count=--shard-samples,
       val_split=0, test_split=0)`` (the whole folder is the train split; small shards so
       that both workers get some: a worker reads every W-th shard, and at the default
       256 MB per shard the folder would be one shard that one worker reads alone). Timed:
@@ -299,7 +299,7 @@ def main() -> None:
         memory_child(args.memory_child, args.memory_size, workers[0])
         return
 
-    from cnnkit.data.shards import pack
+    from cnnkit.data.pack import pack
     from cnnkit.data.stream import SHUFFLE_BUFFER
 
     data = Path(args.data) if args.data else default_folder()

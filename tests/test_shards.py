@@ -15,14 +15,13 @@ from cli_runs import write_tar
 from cnnkit.cli import main
 from cnnkit.data.decode import ImageReadError
 from cnnkit.data.folder import decode_one, load_folder
+from cnnkit.data.pack import pack, parse_size
 from cnnkit.data.shards import (
     INDEX_FILE,
     decode_sample,
     is_shard_set,
     iter_shard,
     load_split,
-    pack,
-    parse_size,
     read_shard_set,
 )
 

@@ -31,7 +31,8 @@ from cli_runs import (
     weights,
     write_tar,
 )
-from cnnkit.data.shards import INDEX_FILE, decode_sample, iter_shard, pack, read_shard_set
+from cnnkit.data.pack import pack
+from cnnkit.data.shards import INDEX_FILE, decode_sample, iter_shard, read_shard_set
 from cnnkit.data.stream import StreamPlan, rank_count, shard_order, stream_batches
 
 ID_CLASSES = ("a", "b", "c")

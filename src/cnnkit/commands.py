@@ -569,7 +569,7 @@ def _pack(args, con) -> int:
             "usage: cnnkit datasets pack SRC OUT (SRC: a built-in name, folder or CSV list; "
             "OUT: a new or empty folder for the shards)"
         )
-    from cnnkit.data.shards import pack
+    from cnnkit.data.pack import pack
 
     index = pack(
         args.name,

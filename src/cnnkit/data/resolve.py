@@ -23,7 +23,8 @@ from .folder import (
     load_folder,
 )
 from .memory import DataSplits
-from .shards import INDEX_FILE, is_shard_set, load_split, pack, read_shard_set
+from .pack import pack
+from .shards import INDEX_FILE, is_shard_set, load_split, read_shard_set
 from .stream import load_streamed
 
 __all__ = ["FOLDER_IMAGE_SIZE", "load_data", "load_trained_data", "weights_preprocessing"]
