@@ -3,9 +3,11 @@ test_shards): the environment, the command, the run directory, its weights and m
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -80,3 +82,42 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def start_job(cmd: list[str], cwd: Path, **env) -> subprocess.Popen:
+    """``cmd`` started in a session of its own (a Ctrl-C goes to its process group)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=cli_env(cwd, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def children(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a job and the workers it started (torch starts each in a session of its own,
+    so killing the job's process group leaves them running)."""
+    for pid in children(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)

@@ -4,7 +4,6 @@ The 2-process runs are subprocesses (torchrun, or ``cnnkit train --nproc 2``), e
 ~10-15 s on two cores; runs compared by several tests are module-scoped fixtures.
 """
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -15,7 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_runs import cli_env, cnnkit_cmd, metrics, need_mnist, only_run, run, weights
+from cli_runs import (
+    cnnkit_cmd,
+    kill_job,
+    metrics,
+    need_mnist,
+    only_run,
+    run,
+    start_job,
+    weights,
+)
 from cnnkit.runs.checkpoint import load_checkpoint
 
 ELASTIC_MARKER = ".cnnkit-elastic.json"
@@ -68,7 +76,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
             out, err = proc.communicate(timeout=30)
             pytest.fail(f"exited ({proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-2000:]}")
         time.sleep(0.05)
-    _kill_job(proc)
+    kill_job(proc)
     pytest.fail(f"no {what} within {timeout} s")
 
 
@@ -86,35 +94,11 @@ def _epochs_done(runs: Path, n: int):
     return done
 
 
-def _children(parent: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                found.append(int(entry.name))
-    return found
-
-
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
-
-
-def _kill_job(proc: subprocess.Popen) -> None:
-    """SIGKILL a launcher and its workers (torch starts each in a session of its own, so
-    killing the launcher's process group leaves them running)."""
-    for pid in _children(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
 
 
 def _worker(parent: int, rank: int) -> int:
@@ -236,16 +220,7 @@ def test_resume_on_a_different_number_of_processes(small_runs, tmp_path):
 
 
 def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(big_full, tmp_path):
-    env = cli_env(tmp_path)
-    proc = subprocess.Popen(
-        cnnkit_cmd("train", *BIG, "--nproc", "2", "--name", "cut"),
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_job(cnnkit_cmd("train", *BIG, "--nproc", "2", "--name", "cut"), tmp_path)
     try:
         _wait_for(_training_started(tmp_path / "runs"), proc, 120, "training")
         # An epoch of 20,000 images takes seconds: a moment in, it is mid-epoch 1.
@@ -255,7 +230,7 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(big_full, tmp_path):
         out, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
-            _kill_job(proc)
+            kill_job(proc)
     assert proc.returncode == 130, (out[-2000:], err[-2000:])
     assert "Resume with" in err, err[-2000:]
     cut = tmp_path / "runs" / "cut"
@@ -269,15 +244,7 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(big_full, tmp_path):
 
 def test_kill_9_of_one_rank_ends_the_job_with_a_clear_error(tmp_path):
     need_mnist()
-    proc = subprocess.Popen(
-        cnnkit_cmd("train", *BIG, "--nproc", "2", "--name", "killed"),
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_job(cnnkit_cmd("train", *BIG, "--nproc", "2", "--name", "killed"), tmp_path)
     try:
         _wait_for(_training_started(tmp_path / "runs"), proc, 120, "training")
         time.sleep(0.5)
@@ -288,7 +255,7 @@ def test_kill_9_of_one_rank_ends_the_job_with_a_clear_error(tmp_path):
         took = time.monotonic() - killed_at
     finally:
         if proc.poll() is None:
-            _kill_job(proc)
+            kill_job(proc)
     assert proc.returncode == 1, (out[-2000:], err[-2000:])
     assert "worker rank 1 died" in err and "SIGKILL" in err, err[-3000:]
     assert took < 60
@@ -311,15 +278,7 @@ def test_torchrun_restart_resumes_the_run(big_full, tmp_path):
         "--monitor-interval", "0.5",
         "-m", "cnnkit", "train", *BIG,
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_job(cmd, tmp_path)
     try:
         _wait_for(_epochs_done(tmp_path / "runs", 1), proc, 180, "the first epoch")
         time.sleep(0.5)
@@ -327,7 +286,7 @@ def test_torchrun_restart_resumes_the_run(big_full, tmp_path):
         out, err = proc.communicate(timeout=60)  # ~15 s when it works
     finally:
         if proc.poll() is None:
-            _kill_job(proc)
+            kill_job(proc)
     assert proc.returncode == 0, (out[-2000:], err[-4000:])
     run_dir = only_run(tmp_path)  # the restart made no second run
     assert (run_dir / ELASTIC_MARKER).is_file()

@@ -24,10 +24,12 @@ from PIL import Image
 from cli_runs import (
     cli_env,
     cnnkit_cmd,
+    kill_job,
     metrics,
     need_mnist,
     only_run,
     run,
+    start_job,
     weights,
     write_tar,
 )
@@ -363,12 +365,6 @@ def test_two_processes_stream_every_sample_once(digits, tmp_path):
     assert done.stdout.count("epoch 2/2 ") == 1, done.stdout
 
 
-def _kill_job(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
-
-
 def test_an_interrupted_streamed_epoch_resumes_exactly(digits, tmp_path):
     """Ctrl-C (SIGINT to the process group, DataLoader workers included) mid-epoch, then
     --resume: the weights of a run that never stopped. A larger model and batches of 8
@@ -377,15 +373,7 @@ def test_an_interrupted_streamed_epoch_resumes_exactly(digits, tmp_path):
     args = ["--data", shards, *TRAIN, "--epochs", "1", "--batch-size", "8"]
     args[args.index("--model") + 1] = "conv32-conv32-pool-fc64"
     run(cnnkit_cmd("train", *args, "--name", "full"), tmp_path)
-    proc = subprocess.Popen(
-        cnnkit_cmd("train", *args, "--name", "cut"),
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_job(cnnkit_cmd("train", *args, "--name", "cut"), tmp_path)
     log = tmp_path / "runs" / "cut" / "train.log"
     try:
         deadline = time.monotonic() + 120
@@ -399,7 +387,7 @@ def test_an_interrupted_streamed_epoch_resumes_exactly(digits, tmp_path):
         out, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
-            _kill_job(proc)
+            kill_job(proc)
     assert proc.returncode == 130, (out[-2000:], err[-2000:])
     cut = tmp_path / "runs" / "cut"
     from cnnkit.runs.checkpoint import load_checkpoint
