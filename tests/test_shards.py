@@ -260,3 +260,63 @@ def test_a_brace_pattern_of_shards_names_the_set_they_are_in(photos, tmp_path):
     shards = read_shard_set(pattern)
     assert shards.splits["train"].count == read_shard_set(str(out)).splits["train"].count
     assert not is_shard_set(str(tmp_path / "elsewhere" / "train-{000000..000001}.tar"))
+
+
+def test_the_doctor_checks_a_shard_set(photos, tmp_path):
+    from cnnkit.data.doctor import check_dataset
+
+    # the same photo in train/ and test/: a leak the doctor must find inside the shards too
+    (photos / "test" / "ant").mkdir(parents=True)
+    for name in CLASSES:
+        (photos / "train" / name).mkdir(parents=True)
+        for f in sorted((photos / name).iterdir()):
+            f.rename(photos / "train" / name / f.name)
+        (photos / name).rmdir()
+    leaked = photos / "train" / "ant" / "00.jpg"
+    (photos / "test" / "ant" / "leak.jpg").write_bytes(leaked.read_bytes())
+    out = tmp_path / "shards"
+    pack(str(photos), out, max_count=8)
+    on_shards = check_dataset(str(out))
+    on_folder = check_dataset(photos)
+    assert on_shards.classes == on_folder.classes
+    assert on_shards.counts["test"] == on_folder.counts["test"] == [1, 0, 0]
+    assert sum(map(sum, on_shards.counts.values())) == sum(map(sum, on_folder.counts.values()))
+    leaks = [f for f in on_shards.findings if f.check == "exact-duplicates-across-splits"]
+    assert len(leaks) == 1 and "[test]" in leaks[0].files[0] and "[train]" in leaks[0].files[0]
+    assert "test-000000.tar:test-00000000" in leaks[0].files[0]
+
+
+def test_the_doctor_names_a_corrupt_sample_of_a_shard(tmp_path):
+    from cnnkit.data.doctor import check_dataset
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 99, np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    write_tar(
+        tmp_path / "train-000000.tar",
+        [
+            ("train-00000000.png", png),
+            ("train-00000000.cls", b"0"),
+            ("train-00000001.png", png[:60]),  # truncated image
+            ("train-00000001.cls", b"1"),
+        ],
+    )
+    index = {
+        "format": "cnnkit.shards/1",
+        "classes": ["a", "b"],
+        "channels": 1,
+        "image_size": 32,
+        "splits": {
+            "train": {
+                "count": 2,
+                "class_counts": [1, 1],
+                "shards": [{"name": "train-000000.tar", "count": 2, "bytes": 0}],
+            }
+        },
+    }
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    report = check_dataset(str(tmp_path))
+    (unreadable,) = [f for f in report.findings if f.check == "unreadable"]
+    assert unreadable.level == "error"
+    assert unreadable.files[0].startswith("train-000000.tar:train-00000001")
+    assert report.counts["train"] == [1, 0]  # as the samples are, not as the index says

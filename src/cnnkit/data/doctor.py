@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.progress import progress
+
 from .decode import ImageReadError, open_image
 from .folder import (
     FileList,
@@ -121,6 +123,21 @@ def _examine(path: Path, split: str, label: int) -> FileFacts:
         facts.error = display_name(str(e))
     except Exception as e:
         facts.error = display_name(f"{path}: cannot decode image ({type(e).__name__}: {e})")
+    return facts
+
+
+def _examine_bytes(name: str, split: str, label: int, data: bytes) -> FileFacts:
+    """FileFacts of an image held in memory (a sample of a shard)."""
+    facts = FileFacts(name, split, label, hashlib.sha1(data).hexdigest())
+    try:
+        im = open_image(data, draft=64)
+        facts.mode = im.mode
+        facts.width, facts.height = im.size
+        facts.dhash = difference_hash(im)
+    except ImageReadError as e:
+        facts.error = f"{name}: {str(e).removeprefix('image data: ')}"
+    except Exception as e:
+        facts.error = f"{name}: cannot decode image ({type(e).__name__}: {e})"
     return facts
 
 
@@ -317,14 +334,46 @@ def _listing_findings(listing: FileList) -> list[Finding]:
 def check_dataset(
     path: str | Path, near_bits: int = NEAR_DUPLICATE_BITS, workers: int | None = None
 ) -> DoctorReport:
-    """Every check, on every file (see the module docstring)."""
+    """Every check, on every file (see the module docstring); on every sample of a shard
+    set (cnnkit datasets pack) too."""
+    from .shards import is_shard_set
+
+    if is_shard_set(str(path)):
+        return check_shards(str(path), near_bits)
     listing = list_images(path)
     root, classes = listing.root, listing.classes
     files = dict(listing.splits)  # a pool stays one split: duplicates in it leak on splitting
     items = [(p, split, lb) for split, fs in files.items() for p, lb in fs]
     facts = examine_files(items, workers)
-    findings: list[Finding] = _listing_findings(listing)
+    counts, findings = _examined(facts, classes, root, near_bits)
+    findings = _by_level(_listing_findings(listing) + findings)
+    return DoctorReport(str(root), classes, counts, findings)
 
+
+def check_shards(name: str, near_bits: int = NEAR_DUPLICATE_BITS) -> DoctorReport:
+    """The same checks on a shard set: every sample read, decoded and hashed (named
+    '<shard>:<key>'), and the counts as the samples are, not as the index says."""
+    from .shards import iter_shard, read_shard_set
+
+    shards = read_shard_set(name)
+    facts = []
+    total = sum(part.count for part in shards.splits.values())
+    with progress("examining", total, "samples") as advance:
+        for split, part in shards.splits.items():
+            for url in part.urls:
+                shard = url.rstrip("/").rsplit("/", 1)[-1]
+                for key, data, label in iter_shard(url):
+                    facts.append(_examine_bytes(f"{shard}:{key}", split, label, data))
+                    advance(1)
+    counts, findings = _examined(facts, shards.classes, Path(shards.location), near_bits)
+    return DoctorReport(shards.location, shards.classes, counts, findings)
+
+
+def _examined(
+    facts: list[FileFacts], classes: list[str], root: Path, near_bits: int
+) -> tuple[dict[str, list[int]], list[Finding]]:
+    """(images per class of each split, the findings) of examined files or samples."""
+    findings: list[Finding] = []
     broken = [f for f in facts if f.error]
     if broken:
         findings.append(
@@ -377,9 +426,12 @@ def check_dataset(
     counts = _count(ok_files, len(classes))
     findings += _count_findings(counts, classes)
     findings += _duplicate_findings(facts, root, near_bits)
+    return counts, _by_level(findings)
+
+
+def _by_level(findings: list[Finding]) -> list[Finding]:
     order = {"error": 0, "warning": 1, "info": 2}
-    findings.sort(key=lambda f: order[f.level])
-    return DoctorReport(str(root), classes, counts, findings)
+    return sorted(findings, key=lambda f: order[f.level])  # stable: in order within a level
 
 
 def quick_check(data) -> list[Finding]:
