@@ -80,15 +80,15 @@ class DataSplits:
             raise ValueError(f"data set '{self.name}' has no '{name}' split")
         return part
 
-    def sizes(self) -> str:
+    def count(self, name: str) -> int | None:
+        """Images in a split (a streamed one's, from its index); None where there is none."""
         if self.streamed is not None:
-            counts = {name: split.count for name, split in self.streamed.splits.items()}
-        else:
-            counts = {
-                n: len(p)
-                for n, p in (("train", self.train), ("val", self.val), ("test", self.test))
-                if p is not None
-            }
+            return self.streamed.count(name) if name in self.streamed.splits else None
+        part = {"train": self.train, "val": self.val, "test": self.test}[name]
+        return len(part) if part is not None else None
+
+    def sizes(self) -> str:
+        counts = {n: self.count(n) for n in ("train", "val", "test") if self.count(n) is not None}
         parts = [f"train {counts['train']:,}"]
         parts += [f"val {counts['val']:,}"] if "val" in counts else ["no val"]
         parts += [f"test {counts['test']:,}"] if "test" in counts else []

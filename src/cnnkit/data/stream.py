@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import is_builtin
 from .decode import ImageReadError
 from .memory import DataSplits, ImageTensors, channel_stats
 from .shards import ShardSet, ShardSplit, decode_sample, iter_shard
@@ -60,6 +61,21 @@ class StreamedData:
 
     def count(self, split: str) -> int:
         return self.splits[split].count if split in self.splits else 0
+
+    def plan(
+        self,
+        split: str,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = False,
+    ) -> StreamPlan:
+        """What ``rank`` streams of ``split``: shuffled by (seed, epoch) for training, in
+        index order otherwise (validation, features)."""
+        part = self.splits[split]
+        return StreamPlan(part, self.channels, self.size, seed, epoch, rank, world_size, shuffle)
 
 
 @dataclass(frozen=True)
@@ -228,7 +244,7 @@ def load_streamed(
         channels,
         stored,
         default_workers(),
-        from_builtin=_is_builtin(str(shards.index.get("source", ""))),
+        from_builtin=is_builtin(str(shards.index.get("source", ""))),
     )
     if normalization is None:
         normalization = channel_stats(_first_images(streamed, STATS_SAMPLES))
@@ -250,12 +266,6 @@ def load_streamed(
         input_size=(size, size),
         streamed=streamed,
     )
-
-
-def _is_builtin(name: str) -> bool:
-    from . import is_builtin  # the package's own function (the package imports this module)
-
-    return is_builtin(name)
 
 
 def _first_images(data: StreamedData, limit: int) -> torch.Tensor:

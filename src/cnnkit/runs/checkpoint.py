@@ -125,16 +125,9 @@ def describe_run(
         "data": {
             "name": data.name,
             "root": data.root,
-            **_split_sizes(data),
+            **{split: data.count(split) or 0 for split in ("train", "val", "test")},
         },
     }
-
-
-def _split_sizes(data) -> dict[str, int]:
-    if data.streamed is not None:  # a shard set: its index's counts
-        return {s: data.streamed.count(s) for s in ("train", "val", "test")}
-    parts = {"train": data.train, "val": data.val, "test": data.test}
-    return {name: len(part) if part is not None else 0 for name, part in parts.items()}
 
 
 def checkpoint_payload(

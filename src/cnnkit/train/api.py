@@ -138,17 +138,13 @@ def _auto_batch_size(
     """The largest batch that fits one device; over several processes, rank 0's choice
     for each of them, so the global batch is that times the world size."""
     choice = choose_batch_size(
-        model.to(ctx.device), data.shape, _train_size(data), ctx.device, ctx.dtype
+        model.to(ctx.device), data.shape, data.count("train"), ctx.device, ctx.dtype
     )
     size, reason = distributed.from_main((choice.batch_size, choice.reason), ctx.world)
     n = ctx.world.size
     note = f" ({reason})" if n == 1 else f" ({reason}; {size} per process x {n})"
     train_cfg = dataclasses.replace(cfg.train, batch_size=size * n)
     return dataclasses.replace(cfg, train=train_cfg), note
-
-
-def _train_size(data: DataSplits) -> int:
-    return data.streamed.count("train") if data.streamed is not None else len(data.train)
 
 
 def _describe_world(cfg: Config, ctx: ExecutionContext) -> str:
@@ -181,10 +177,9 @@ def _header(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> None:
         if data.files is None
         else "splits saved in split.json"
     )
-    has_test = data.test is not None and len(data.test) > 0
     if data.streamed is not None:
         split = "splits of the shard set"
-        has_test = "test" in data.streamed.splits
+    has_test = bool(data.count("test"))
     say(
         f"data   {data.name}: {data.sizes()} images of {c}x{h}x{w}, {len(data.classes)} classes "
         f"({split}; {'test held out' if has_test else 'no test split'})"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cnnkit.data.stream import StreamPlan, stream_batches
+from cnnkit.data.stream import stream_batches
 
 from . import distributed
 
@@ -74,9 +74,7 @@ def _streamed_batches(setup: _Setup, epoch: int, start: int, seed: int, device):
     """Until every rank has run out: a rank that has, takes part with an empty batch, and
     the step's size is summed over the ranks (one small all-reduce a step)."""
     world, data = setup.world, setup.streamed
-    plan = StreamPlan(
-        data.splits["train"], data.channels, data.size, seed, epoch, world.rank, world.size
-    )
+    plan = data.plan("train", world.rank, world.size, seed=seed, epoch=epoch, shuffle=True)
     batches = stream_batches(plan, rank_batch(setup.batch_size, world), data.workers, start)
     empty = (
         torch.empty((0, data.channels, data.size, data.size), dtype=torch.uint8),

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cnnkit.config import Config
 from cnnkit.data.augment import train_transform
 from cnnkit.data.memory import DataSplits, ImageTensors, Normalizer
-from cnnkit.data.stream import StreamedData, StreamPlan, epoch_steps, stream_batches
+from cnnkit.data.stream import StreamedData, epoch_steps, stream_batches
 from cnnkit.device import ExecutionContext, free_memory_bytes, tune_allocator
 from cnnkit.runs.checkpoint import checkpoint_payload, save_checkpoint
 from cnnkit.runs.inference import batched_logits
@@ -431,9 +431,7 @@ def _val_parts(setup: _Setup, ctx: ExecutionContext):
         if setup.val is not None and len(setup.val):
             yield setup.val.images, setup.val.labels
         return
-    plan = StreamPlan(
-        data.splits["val"], data.channels, data.size, 0, 0, world.rank, world.size, shuffle=False
-    )
+    plan = data.plan("val", world.rank, world.size)
     yield from stream_batches(plan, 4 * ctx.eval_batch, data.workers)
 
 

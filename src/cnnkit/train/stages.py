@@ -5,6 +5,7 @@ decaying learning rate."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from cnnkit.config import Config
 from cnnkit.data import DataSplits, ImageTensors
 from cnnkit.data.memory import Normalizer
-from cnnkit.data.stream import StreamPlan, rank_count, stream_batches
+from cnnkit.data.stream import rank_count, stream_batches
 from cnnkit.device import ExecutionContext
 from cnnkit.models.pretrained import BackboneClassifier
 from cnnkit.progress import progress
@@ -97,80 +98,69 @@ def prepare_stage(model: nn.Module, stage: Stage, cfg: Config) -> None:
 def backbone_features(
     model: BackboneClassifier, data: DataSplits, ctx: ExecutionContext
 ) -> DataSplits:
-    """The same splits as pooled backbone features (N, D), computed once."""
+    """The same splits as pooled backbone features (N, D), computed once. Over several
+    processes each computes its share of every split (its slice in memory, its samples of
+    a stream), then all gather them, labels alongside."""
     model.to(ctx.device).eval()
     if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
     normalizer = Normalizer(data.mean, data.std, ctx.device, crop=data.input_size)
-
-    world = ctx.world
-    if data.streamed is not None:
-        return _streamed_features(model, data, ctx, normalizer)
-    parts = [p for p in (data.train, data.val) if p is not None]
     # Chunks of a few evaluation batches: the bar moves every second or so on a CPU.
-    chunk = 4 * ctx.eval_batch
-    # Over several processes each computes its share of every split, then all gather them.
-    total = sum(len(range(len(p))[distributed.share(len(p), world)]) for p in parts)
+    parts = _rank_parts(data, ctx.world, 4 * ctx.eval_batch)
+    total = sum(count for count, _ in parts.values())
     with progress("backbone features", total, summary=False) as advance:
-
-        def features(part: ImageTensors | None) -> ImageTensors | None:
-            if part is None:
-                return None
-            images = part.images[distributed.share(len(part), world)]
-            out = []
-            for batch in images.split(chunk):
-                out.append(batched_forward(model.features, batch, normalizer, ctx))
-                advance(len(batch))
-            mine = (
-                torch.cat(out) if out else batched_forward(model.features, images, normalizer, ctx)
-            )
-            return ImageTensors(distributed.gather_rows(mine, world), part.labels)
-
-        train, val = features(data.train), features(data.val)
-    return DataSplits(
-        data.name, data.classes, train, val, None, data.mean, data.std, is_features=True
-    )
-
-
-def _streamed_features(
-    model: BackboneClassifier, data: DataSplits, ctx: ExecutionContext, normalizer: Normalizer
-) -> DataSplits:
-    """backbone_features of a streamed data set: each rank streams its samples of the
-    train and val splits in index order; the features and labels are gathered."""
-    world, streamed = ctx.world, data.streamed
-    names = [s for s in ("train", "val") if s in streamed.splits]
-    total = sum(rank_count(streamed.splits[s], world.rank, world.size) for s in names)
-    parts = {}
-    with progress("backbone features", total, summary=False) as advance:
-        for name in names:
-            plan = StreamPlan(
-                streamed.splits[name],
-                streamed.channels,
-                streamed.size,
-                seed=0,
-                epoch=0,
-                rank=world.rank,
-                world_size=world.size,
-                shuffle=False,
-            )
-            features, labels = [], []
-            for images, batch_labels in stream_batches(plan, 4 * ctx.eval_batch, streamed.workers):
-                features.append(batched_forward(model.features, images, normalizer, ctx))
-                labels.append(batch_labels.to(ctx.device))
-                advance(len(batch_labels))
-            mine = torch.cat(features) if features else torch.empty(0, device=ctx.device)
-            mine_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-            parts[name] = ImageTensors(
-                distributed.gather_rows(mine, world),
-                distributed.gather_rows(mine_labels.to(ctx.device), world).cpu(),
-            )
+        features = {
+            name: _gathered_features(model, chunks, normalizer, ctx, advance)
+            for name, (_, chunks) in parts.items()
+        }
     return DataSplits(
         data.name,
         data.classes,
-        parts["train"],
-        parts.get("val"),
+        features["train"],
+        features.get("val"),
         None,
         data.mean,
         data.std,
         is_features=True,
+    )
+
+
+def _rank_parts(data: DataSplits, world, chunk: int) -> dict[str, tuple[int, Iterable]]:
+    """{split: (this rank's images in it, its (images, labels) chunks)} of train and val."""
+    streamed = data.streamed
+    if streamed is not None:
+        return {
+            name: (
+                rank_count(streamed.splits[name], world.rank, world.size),
+                stream_batches(
+                    streamed.plan(name, world.rank, world.size), chunk, streamed.workers
+                ),
+            )
+            for name in ("train", "val")
+            if name in streamed.splits
+        }
+    parts = {}
+    for name, part in (("train", data.train), ("val", data.val)):
+        if part is not None:
+            mine = distributed.share(len(part), world)
+            images, labels = part.images[mine], part.labels[mine]
+            parts[name] = (len(labels), zip(images.split(chunk), labels.split(chunk), strict=True))
+    return parts
+
+
+def _gathered_features(
+    model: BackboneClassifier, chunks: Iterable, normalizer: Normalizer, ctx, advance
+) -> ImageTensors:
+    """The features and labels of this rank's chunks, gathered from every rank."""
+    features, labels = [], []
+    for images, chunk_labels in chunks:
+        features.append(batched_forward(model.features, images, normalizer, ctx))
+        labels.append(chunk_labels)
+        advance(len(chunk_labels))
+    mine = torch.cat(features) if features else torch.empty(0, device=ctx.device)
+    mine_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    world = ctx.world
+    return ImageTensors(
+        distributed.gather_rows(mine, world),
+        distributed.gather_rows(mine_labels.to(ctx.device), world).cpu(),
     )
