@@ -1,11 +1,13 @@
 """Helpers of the tests that run cnnkit in subprocesses (test_distributed, test_stream,
-test_shards): the environment, the command, the run directory, its weights and metrics."""
+test_shards): the environment, the command, the run directory, its weights and metrics;
+and shard sets written by hand."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
+import json
 import os
 import signal
 import subprocess
@@ -121,3 +123,37 @@ def kill_job(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
+
+
+def write_shard_set(
+    folder: Path,
+    shards: list[list[tuple[str, bytes]]],
+    classes: list[str],
+    channels: int,
+    image_size: int,
+) -> None:
+    """A train split written by hand (a tar per list of members) with its index.json; each
+    shard's count and the class counts are those of its keys and .cls members."""
+    entries, class_counts = [], [0] * len(classes)
+    for i, members in enumerate(shards):
+        name = f"train-{i:06d}.tar"
+        write_tar(folder / name, members)
+        keys = {member.split(".")[0] for member, _ in members}
+        entries.append({"name": name, "count": len(keys), "bytes": 0})
+        for member, data in members:
+            if member.endswith(".cls"):
+                class_counts[int(data)] += 1
+    index = {
+        "format": "cnnkit.shards/1",
+        "classes": classes,
+        "channels": channels,
+        "image_size": image_size,
+        "splits": {
+            "train": {
+                "count": sum(e["count"] for e in entries),
+                "class_counts": class_counts,
+                "shards": entries,
+            }
+        },
+    }
+    (folder / "index.json").write_text(json.dumps(index))

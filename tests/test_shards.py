@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_runs import write_tar
+from cli_runs import write_shard_set
 from cnnkit.cli import main
 from cnnkit.data.decode import ImageReadError
 from cnnkit.data.folder import decode_one, load_folder
@@ -131,32 +131,23 @@ def test_a_bad_sample_inside_a_shard_is_skipped_by_key(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(buf, "PNG")
     png = buf.getvalue()
-    write_tar(
-        tmp_path / "train-000000.tar",
+    write_shard_set(
+        tmp_path,
         [
-            ("train-00000000.png", png),
-            ("train-00000000.cls", b"1"),
-            ("train-00000001.png", png[:40]),  # truncated image
-            ("train-00000001.cls", b"0"),
-            ("train-00000002.cls", b"0"),  # no image at all
-            ("train-00000003.png", png),
-            ("train-00000003.cls", b"0"),
+            [
+                ("train-00000000.png", png),
+                ("train-00000000.cls", b"1"),
+                ("train-00000001.png", png[:40]),  # truncated image
+                ("train-00000001.cls", b"0"),
+                ("train-00000002.cls", b"0"),  # no image at all
+                ("train-00000003.png", png),
+                ("train-00000003.cls", b"0"),
+            ]
         ],
+        ["a", "b"],
+        1,
+        8,
     )
-    index = {
-        "format": "cnnkit.shards/1",
-        "classes": ["a", "b"],
-        "channels": 1,
-        "image_size": 8,
-        "splits": {
-            "train": {
-                "count": 4,
-                "class_counts": [3, 1],
-                "shards": [{"name": "train-000000.tar", "count": 4, "bytes": 0}],
-            }
-        },
-    }
-    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
     shards = read_shard_set(str(tmp_path))
     with pytest.warns(UserWarning) as caught:
         tensors, keys = load_split(shards, "train", 1, 8)
@@ -292,29 +283,20 @@ def test_the_doctor_names_a_corrupt_sample_of_a_shard(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.full((40, 40), 99, np.uint8)).save(buf, "PNG")
     png = buf.getvalue()
-    write_tar(
-        tmp_path / "train-000000.tar",
+    write_shard_set(
+        tmp_path,
         [
-            ("train-00000000.png", png),
-            ("train-00000000.cls", b"0"),
-            ("train-00000001.png", png[:60]),  # truncated image
-            ("train-00000001.cls", b"1"),
+            [
+                ("train-00000000.png", png),
+                ("train-00000000.cls", b"0"),
+                ("train-00000001.png", png[:60]),  # truncated image
+                ("train-00000001.cls", b"1"),
+            ]
         ],
+        ["a", "b"],
+        1,
+        32,
     )
-    index = {
-        "format": "cnnkit.shards/1",
-        "classes": ["a", "b"],
-        "channels": 1,
-        "image_size": 32,
-        "splits": {
-            "train": {
-                "count": 2,
-                "class_counts": [1, 1],
-                "shards": [{"name": "train-000000.tar", "count": 2, "bytes": 0}],
-            }
-        },
-    }
-    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
     report = check_dataset(str(tmp_path))
     (unreadable,) = [f for f in report.findings if f.check == "unreadable"]
     assert unreadable.level == "error"

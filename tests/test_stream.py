@@ -31,10 +31,10 @@ from cli_runs import (
     run,
     start_job,
     weights,
-    write_tar,
+    write_shard_set,
 )
 from cnnkit.data.pack import pack
-from cnnkit.data.shards import INDEX_FILE, decode_sample, iter_shard, read_shard_set
+from cnnkit.data.shards import decode_sample, iter_shard, read_shard_set
 from cnnkit.data.stream import StreamPlan, rank_count, shard_order, stream_batches
 
 ID_CLASSES = ("a", "b", "c")
@@ -184,22 +184,7 @@ def corrupt_set(tmp_path):
         if i == 2:
             data = data[:40]
         members[i // 4] += [(f"train-{i:08d}.png", data), (f"train-{i:08d}.cls", b"0")]
-    for s in range(2):
-        write_tar(tmp_path / f"train-{s:06d}.tar", members[s])
-    index = {
-        "format": "cnnkit.shards/1",
-        "classes": ["a", "b"],
-        "channels": 1,
-        "image_size": SIDE,
-        "splits": {
-            "train": {
-                "count": 8,
-                "class_counts": [8, 0],
-                "shards": [{"name": f"train-{s:06d}.tar", "count": 4, "bytes": 0} for s in (0, 1)],
-            }
-        },
-    }
-    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    write_shard_set(tmp_path, members, ["a", "b"], 1, SIDE)
     return read_shard_set(str(tmp_path))
 
 
