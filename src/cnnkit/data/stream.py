@@ -29,6 +29,7 @@ are decoded again, not trained on), when the world size and the workers are the 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterator
@@ -114,19 +115,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.plan = plan
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Chunks of up to CHUNK samples: (uint8 images (k, C, S, S), labels (k,))."""
-        images, labels = [], []
-        for image, label in self._ordered():
-            images.append(image)
-            labels.append(label)
-            if len(images) == CHUNK:
-                yield _stacked(images, labels)
-                images, labels = [], []
-        if images:
-            yield _stacked(images, labels)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Chunks of up to CHUNK samples: (uint8 images (k, C, S, S), labels (k,), each
+        sample's position in the split's index order (k,))."""
+        samples = []
+        for sample in self._ordered():
+            samples.append(sample)
+            if len(samples) == CHUNK:
+                yield _stacked(samples)
+                samples = []
+        if samples:
+            yield _stacked(samples)
 
-    def _ordered(self) -> Iterator[tuple[np.ndarray, int]]:
+    def _ordered(self) -> Iterator[tuple[np.ndarray, int, int]]:
         plan = self.plan
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -144,22 +145,38 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _samples(self, shards: list[int], starts: dict[int, int]):
         plan = self.plan
+        first = index_starts(plan.split)
         for s in shards:
             url = plan.split.urls[s]
             for i, (key, data, label) in enumerate(iter_shard(url)):
                 if (starts[s] + i) % plan.world_size != plan.rank:
                     continue
                 try:
-                    yield decode_sample(data, plan.channels, plan.size), label
+                    yield decode_sample(data, plan.channels, plan.size), label, first[s] + i
                 except ImageReadError as e:  # reported, never the end of an epoch
                     import warnings
 
                     warnings.warn(f"skipped sample {key} of {url}: {e}", stacklevel=1)
 
 
-def _stacked(images: list[np.ndarray], labels: list[int]):
-    # a tensor travels to the rank through shared memory
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long)
+def index_starts(split: ShardSplit) -> list[int]:
+    """Each shard's first position in the split's index order."""
+    return list(itertools.accumulate(split.counts[:-1], initial=0))
+
+
+def sample_name(url: str, key: str) -> str:
+    """How a sample is named to a person: '<shard file>:<key>' (as the doctor names it)."""
+    return f"{url.rstrip('/').rsplit('/', 1)[-1]}:{key}"
+
+
+def _stacked(samples: list[tuple[np.ndarray, int, int]]):
+    # tensors travel to the rank through shared memory
+    images, labels, positions = zip(*samples, strict=True)
+    return (
+        torch.from_numpy(np.stack(images)),
+        torch.tensor(labels, dtype=torch.long),
+        torch.tensor(positions, dtype=torch.long),
+    )
 
 
 def _shuffled(samples, rng: random.Random, buffer_size: int):
@@ -190,7 +207,7 @@ def stream_batches(
         prefetch_factor=4 if workers else None,
     )
     images, labels, held, made = [], [], 0, 0
-    for chunk_images, chunk_labels in loader:
+    for chunk_images, chunk_labels, _ in loader:
         images.append(chunk_images)
         labels.append(chunk_labels)
         held += len(chunk_labels)
@@ -202,6 +219,50 @@ def stream_batches(
             held, made = held - batch_size, made + 1
     if held and made >= skip:
         yield torch.cat(images), torch.cat(labels)
+
+
+def split_chunks(data: StreamedData, split: str) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Every sample of a split, once, decoded by the workers (evaluation, the report):
+    (uint8 images, labels, positions) chunks, in the order the workers deliver them; a
+    position names its sample (``read_samples``). A sample that does not decode is left out
+    with a warning naming it."""
+    plan = data.plan(split)
+    workers = min(data.workers, len(plan.split.urls))
+    yield from torch.utils.data.DataLoader(
+        ShardStream(plan),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def read_samples(
+    data: StreamedData, split: str, positions: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(uint8 images, labels, names) of the samples at ``positions`` (index order) of a
+    split, in the order asked: only the shards that hold them are read (a report's
+    galleries, an export's check images)."""
+    part = data.splits[split]
+    wanted = set(positions)
+    found: dict[int, tuple[np.ndarray, int, str]] = {}
+    for url, first, count in zip(part.urls, index_starts(part), part.counts, strict=True):
+        if not any(first <= p < first + count for p in wanted):
+            continue
+        for i, (key, raw, label) in enumerate(iter_shard(url)):
+            if first + i in wanted:
+                image = decode_sample(raw, data.channels, data.size)
+                found[first + i] = image, label, sample_name(url, key)
+    missing = wanted - found.keys()
+    if missing:
+        raise ValueError(
+            f"{split} split: sample #{min(missing)} is not in its shards any more (they "
+            "changed since the run was trained?); pack the data set again and retrain"
+        )
+    shape = (0, data.channels, data.size, data.size)
+    images = [found[p][0] for p in positions]
+    stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
+    labels = torch.tensor([found[p][1] for p in positions], dtype=torch.long)
+    return torch.from_numpy(stacked), labels, [found[p][2] for p in positions]
 
 
 def epoch_steps(split: ShardSplit, world_size: int, batch_size: int) -> int:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cnnkit.data.augment import center_crop
+from cnnkit.data.stream import read_samples
 from cnnkit.progress import progress
 from cnnkit.version import __version__
 
@@ -80,12 +81,18 @@ def _run(session, images: np.ndarray, batch: int = 256) -> np.ndarray:
 def _model_inputs(run, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 NCHW images of a split at the model's input size, and their labels."""
     data = run.data()
-    part = data.split(split if split != "val" or data.val is not None else "train")
-    images = part.images[:limit] if limit else part.images
+    split = split if split != "val" or data.count("val") else "train"
+    if data.streamed is not None:  # the first images of the split, read from its shards
+        rows = list(range(min(limit or data.count(split), data.count(split))))
+        images, labels, _ = read_samples(data.streamed, split, rows)
+    else:
+        part = data.split(split)
+        images = part.images[:limit] if limit else part.images
+        labels = part.labels[: len(images)]
     size = tuple(run.preprocessing["size"])
     if tuple(images.shape[-2:]) != size:
         images = center_crop(images, size)
-    return np.ascontiguousarray(images.numpy()), part.labels[: len(images)].numpy()
+    return np.ascontiguousarray(images.numpy()), labels.numpy()
 
 
 def _to_layout(images: np.ndarray, layout: str) -> np.ndarray:

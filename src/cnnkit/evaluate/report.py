@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from cnnkit.data.augment import center_crop
-from cnnkit.data.folder import display_name
 from cnnkit.data.memory import Normalizer
 from cnnkit.progress import progress
 
@@ -50,20 +49,14 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     data = run.data()
     choice = run.choose_split(split, data)  # test if the run has one; else val, with a caveat
     split = choice.split
-    part = data.split(split)
-    labels = part.labels.to(run.device)
-    logits = run.logits(part.images, "report: predictions")
-    probs = logits.softmax(1)
-    metrics = classification_report(logits, labels, run.classes, split)
+    outputs = run.split_outputs(data, split, progress_label="report: predictions")
+    labels = outputs.labels
+    probs = outputs.logits.softmax(1)
+    metrics = classification_report(outputs.logits, labels, run.classes, split)
     calib = calibration(probs.cpu(), labels.cpu())
-    names = (
-        [display_name(f) for f, _ in data.files[split]]  # valid text, as class names are
-        if data.files
-        else [f"{data.name} {split} #{i}" for i in range(len(part))]
-    )
     layer = last_conv_layer(run.model)
-    entries, images = _galleries(run, part.images, labels, probs, names, gallery, layer)
-    title = f"{data.name} {split} split ({len(part):,} images)"
+    entries, images = _galleries(run, outputs.shown, labels, probs, gallery, layer)
+    title = f"{data.name} {split} split ({len(labels):,} images)"
     history = run.history
     images.update(_plots(run, history, metrics.confusion_matrix, calib, title))
     report = {
@@ -84,9 +77,10 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     return report, images
 
 
-def _galleries(run, stored, labels, probs, names, gallery: int, layer: str) -> tuple[dict, dict]:
+def _galleries(run, read_rows, labels, probs, gallery: int, layer: str) -> tuple[dict, dict]:
     """The most confident mistakes and a seeded sample of correct predictions: their facts,
-    and (image, Grad-CAM overlay) data URIs of each."""
+    and (image, Grad-CAM overlay) data URIs of each. ``read_rows(rows)``: their images and
+    names (SplitOutputs.shown)."""
     confidence, predicted = probs.max(1)
     wrong = torch.nonzero(predicted != labels).flatten()
     wrong = wrong[confidence[wrong].argsort(descending=True)][:gallery]
@@ -104,14 +98,15 @@ def _galleries(run, stored, labels, probs, names, gallery: int, layer: str) -> t
         for kind, index in (("mistakes", wrong), ("correct", right)):
             if not len(index):
                 continue
-            raw = stored[index.cpu()].to(run.device)
+            stored, names = read_rows(index.tolist())
+            raw = stored.to(run.device)
             overlays, _ = explain_images(run.model, normalizer, raw, predicted[index], layer)
             advance(len(index))
             shown = raw if tuple(raw.shape[-2:]) == size else center_crop(raw, size)
             for j, i in enumerate(index.tolist()):
                 entries[kind].append(
                     {
-                        "file": names[i],
+                        "file": names[j],
                         "true": run.classes[int(labels[i])],
                         "predicted": run.classes[int(predicted[i])],
                         "probability": float(confidence[i]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import torch
 from cnnkit.config import Config
 from cnnkit.data import DataSplits
 from cnnkit.data.decode import to_input_tensor
+from cnnkit.data.folder import display_name
 from cnnkit.data.memory import Normalizer
 from cnnkit.data.resolve import load_trained_data
+from cnnkit.data.stream import read_samples, split_chunks
 from cnnkit.device import ExecutionContext
 from cnnkit.evaluate.explain import explain_images
 from cnnkit.evaluate.metrics import ClassificationReport, classification_report
@@ -23,6 +26,22 @@ from cnnkit.progress import progress
 from .checkpoint import Checkpoint, checkpoint_identity, read_checkpoint
 from .directory import METRICS_FILE, SPLIT_FILE, read_metrics
 from .inference import Prediction, batched_logits, predict_images
+
+
+@dataclass(frozen=True)
+class SplitOutputs:
+    """A model's logits over a whole split, and how to show some of its rows to a person."""
+
+    logits: torch.Tensor  # (N, classes) float32 on the run's device, in index order
+    labels: torch.Tensor  # (N,) on the run's device
+    # rows -> (their uint8 images at the stored size, their names): a streamed split reads
+    # them back from its shards, so only the rows shown are ever held
+    shown: Callable[[list[int]], tuple[torch.Tensor, list[str]]]
+
+
+def _without_labels(samples: tuple) -> tuple[torch.Tensor, list[str]]:
+    images, _, names = samples
+    return images, names
 
 
 @dataclass(frozen=True)
@@ -247,11 +266,53 @@ class Run:
         probs = sum(self.logits(v).softmax(1) for v in views) / len(views)
         return probs.clamp_min(1e-12).log()
 
+    def split_outputs(
+        self, data: DataSplits, split: str, tta: bool = False, progress_label: str = "evaluating"
+    ) -> SplitOutputs:
+        """Logits over every image of ``split`` (``tta``: over test-time views), with
+        progress. A streamed split is decoded by worker processes a chunk at a time, so
+        only its logits are held, never its images."""
+        forward = self.tta_logits if tta else self.logits
+        streamed = data.streamed
+        if streamed is None:
+            part = data.split(split)
+            files = data.files[split] if data.files else None
+
+            def shown(rows: list[int]) -> tuple[torch.Tensor, list[str]]:
+                names = [
+                    display_name(files[i][0]) if files else f"{data.name} {split} #{i}"
+                    for i in rows
+                ]
+                return part.images[rows], names
+
+            logits = forward(part.images) if tta else self.logits(part.images, progress_label)
+            return SplitOutputs(logits, part.labels.to(self.device), shown)
+        outputs, labels, positions = [], [], []
+        with progress(progress_label, data.count(split)) as advance:
+            for images, chunk_labels, chunk_positions in split_chunks(streamed, split):
+                outputs.append(forward(images))
+                labels.append(chunk_labels)
+                positions.append(chunk_positions)
+                advance(len(chunk_labels))
+        if not outputs:
+            raise ValueError(f"the {split} split of {data.name} has no image that decodes")
+        # the workers deliver chunks in turn: put the rows back in index order
+        order = torch.cat(positions).argsort()
+        positions_in_order = torch.cat(positions)[order].tolist()
+        logits = torch.cat(outputs)[order.to(self.device)]
+        return SplitOutputs(
+            logits,
+            torch.cat(labels)[order].to(self.device),
+            lambda rows: _without_labels(
+                read_samples(streamed, split, [positions_in_order[i] for i in rows])
+            ),
+        )
+
     def _has_test_split(self, data: DataSplits | None = None) -> bool:
         if data is None and self._trained_sizes and "test" in self._trained_sizes:
             return bool(self._trained_sizes["test"])  # known without loading the data
         data = data or self.data()
-        return data.test is not None and len(data.test) > 0
+        return bool(data.count("test"))
 
     def choose_split(self, split: str | None = None, data: DataSplits | None = None) -> SplitChoice:
         """The split to evaluate on: ``split``, or by default the test split if the run has
@@ -290,11 +351,8 @@ class Run:
         """
         data = self.data()  # loaded once: choose_split looks at it too
         choice = self.choose_split(split, data)
-        part = data.split(choice.split)
-        logits = self.tta_logits(part.images) if tta else self.logits(part.images, "evaluating")
-        report = classification_report(
-            logits, part.labels.to(self.device), self.classes, choice.split
-        )
+        outputs = self.split_outputs(data, choice.split, tta)
+        report = classification_report(outputs.logits, outputs.labels, self.classes, choice.split)
         if save:
             self.save_evaluation(report, data.name, choice)
         return report
