@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-keras
+.PHONY: demo test lint bench bench-keras ort-web
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ demo: $(VENV)/.installed
 	$(BIN)/cnnkit train --data mnist --model seed-cnn --epochs 5 --name demo-mnist --overwrite
 	$(BIN)/cnnkit evaluate runs/demo-mnist --split test
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev ort-web
 	$(BIN)/python -m pytest
+
+# ONNX Runtime Web (JavaScript and WebAssembly) for 'cnnkit export --format webapp' and its
+# browser tests: installed once from npm into ~/.cache/cnnkit/onnxruntime-web.
+ort-web: $(VENV)/.installed
+	$(BIN)/python -m cnnkit.deploy.webapp --fetch-runtime
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks

@@ -131,10 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="compare.png", help="validation curves PNG")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("export", help="ONNX file verified against the model; int8 option")
+    p = sub.add_parser(
+        "export", help="ONNX file verified against the model (int8 option), or a web app"
+    )
     p.add_argument("run", help="run directory")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", help="output file (default: <run>/model.onnx)")
+    p.add_argument(
+        "--format",
+        default="onnx",
+        choices=["onnx", "webapp"],
+        help="onnx: one .onnx file; webapp: a folder that classifies in the browser, offline",
+    )
+    p.add_argument(
+        "--out",
+        "--output",
+        help="output file (default: <run>/model.onnx); for webapp a folder (default: <run>/webapp)",
+    )
     p.add_argument(
         "--layout",
         default="nchw",

@@ -369,6 +369,8 @@ def cmd_export(args) -> int:
     import cnnkit
 
     _require_deploy_extras("export", "onnx", "onnxruntime", "onnxscript")
+    if args.format == "webapp":
+        return _export_webapp(args)
     from cnnkit.deploy.export import export_onnx
 
     run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
@@ -396,6 +398,38 @@ def cmd_export(args) -> int:
             f"{q['size_bytes']['fp32'] / 1e6:.2f} -> {q['size_bytes']['int8'] / 1e6:.2f} MB"
         )
     print(f"details: {Path(result.path).with_suffix('.json')}")
+    return 0
+
+
+def _export_webapp(args) -> int:
+    """``cnnkit export RUN --format webapp``: the browser app folder."""
+    import cnnkit
+    from cnnkit.deploy.webapp import check_output, ensure_ort_web, export_webapp
+
+    if args.quantize:
+        raise ValueError("--quantize is for --format onnx; the web app runs the fp32 model")
+    if args.layout != "nchw":
+        raise ValueError("--layout is for --format onnx; the web app feeds the model NCHW")
+    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    out = Path(args.out) if args.out else run.path / "webapp"
+    _check_writable(out.parent, "choose a writable place with --out DIR")
+    check_output(out)  # not a folder of other files
+    package = ensure_ort_web()  # before the export: a missing runtime fails at once
+    result = export_webapp(run, out, ort_web=package)
+    check = result.parity
+    size = sum(result.files.values())
+    print(
+        f"wrote {result.path}/ ({len(result.files)} files, {size / 1e6:.1f} MB, ONNX Runtime "
+        f"Web {result.ort_web}): open index.html from any static host (HTTPS or localhost "
+        "for offline use and the camera), e.g. python -m http.server -d "
+        f"{result.path} 8000"
+    )
+    print(
+        f"checked on {check['images']:,} validation images with ONNX Runtime: top-1 "
+        f"agreement {check['top1_agreement']:.2%}, largest probability difference "
+        f"{check['max_probability_difference']:.1e}"
+    )
+    print(f"details: {Path(result.path) / 'config.json'}")
     return 0
 
 

@@ -3,7 +3,10 @@
 Endpoints: ``POST /v1/predict`` (multipart files or a raw image body), ``POST /v1/explain``
 (Grad-CAM of one image, when serving a run), ``GET /v1/model``, ``GET /healthz``,
 ``GET /metrics`` (Prometheus text, from prometheus_client), ``GET /docs`` (Swagger UI, served
-from this machine), ``GET /openapi.json`` and ``GET /`` (the page).
+from this machine), ``GET /openapi.json`` and ``GET /`` (the page). When the served weights
+were also exported as a web app (``cnnkit export RUN --format webapp``, into ``webapp/``
+beside them), its files are served under ``GET /device/`` and the page links to it: the same
+classifier running in the browser, on the visitor's device.
 
 Requests that arrive together are batched: what queued up while the previous batch ran
 goes into the next one, topped up for at most ``max_wait_ms`` when several arrive at once
@@ -48,7 +51,7 @@ import torch
 from fastapi import FastAPI, Request  # this module is imported only to serve
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
@@ -74,6 +77,7 @@ from .uploads import (
     decode_upload,
     read_uploads,
 )
+from .webapp import webapp_checkpoint, webapp_files
 
 log = logging.getLogger("cnnkit.serve")
 
@@ -95,6 +99,24 @@ DOCS_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline';"
     " img-src 'self' data:; frame-ancestors 'none'"
 )
+# The web app under /device/: its own files, WebAssembly, the camera; nothing from elsewhere.
+DEVICE_CSP = (
+    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
+    "img-src 'self' blob: data:; media-src 'self' blob: mediastream:; connect-src 'self'; "
+    "worker-src 'self'; manifest-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+DEVICE_MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".webmanifest": "application/manifest+json",
+    ".wasm": "application/wasm",
+    ".onnx": "application/octet-stream",
+    ".png": "image/png",
+    ".txt": "text/plain; charset=utf-8",
+}
 
 
 # ---------------------------------------------------------------- the model behind the API
@@ -255,18 +277,46 @@ def check_k(k: int | None, default: int, classes: int) -> int:
 # ---------------------------------------------------------------- what the endpoints do
 
 
+def device_app(predictor) -> dict[str, Path]:
+    """The files of the web app exported from the served weights (``webapp/`` beside the run
+    or ONNX file), by their path under /device/; empty when there is none, or when it was
+    exported from other weights (a resumed run's old export: not offered, with a warning)."""
+    path = getattr(predictor, "path", None)
+    if path is None:
+        return {}
+    path = Path(path)
+    folder = (path if path.is_dir() else path.parent) / "webapp"
+    files = webapp_files(folder)
+    if not files:
+        return {}
+    model = predictor.model
+    served = getattr(model, "checkpoint_ref", None) or getattr(model, "provenance", {}).get(
+        "checkpoint"
+    )
+    if webapp_checkpoint(folder) != served:
+        log.warning(
+            "%s was exported from other weights than these; /device/ is off until "
+            "'cnnkit export RUN --format webapp' writes it again",
+            folder,
+        )
+        return {}
+    return files
+
+
 def _hash_source(source: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
 
 
-def page_html(classes: list[str]) -> tuple[str, str]:
+def page_html(classes: list[str], device: bool = False) -> tuple[str, str]:
     """The web page, titled with the number of classes, and its Content-Security-Policy.
 
+    ``device``: link to the web app at device/ (the model run in the browser).
     The policy allows the page's own inline script and style by their hashes, and nothing
     else: no other script, no framing by other sites.
     """
     page = Path(__file__).with_name("page.html").read_text()
     page = page.replace("__TITLE__", f"cnnkit: {len(classes)} classes")
+    page = page.replace(" hidden data-device", "" if device else " hidden")
     scripts = " ".join(map(_hash_source, re.findall(r"<script>(.*?)</script>", page, re.S)))
     styles = " ".join(map(_hash_source, re.findall(r"<style>(.*?)</style>", page, re.S)))
     csp = (
@@ -465,7 +515,8 @@ def create_app(
         upload_timeout_s=upload_timeout_s,
         default_k=top_k,
     )
-    html, page_csp = page_html(predictor.classes)
+    device_files = device_app(predictor)
+    html, page_csp = page_html(predictor.classes, device=bool(device_files))
     docs_static = _docs_static_dir()
 
     @asynccontextmanager
@@ -535,6 +586,25 @@ def create_app(
     async def explain(request: Request):
         """Grad-CAM overlay (PNG data URI) for the predicted class of one image."""
         return await service.explain(request)
+
+    if device_files:
+
+        @app.get("/device", include_in_schema=False)
+        async def device_root():
+            return RedirectResponse("device/")  # relative: works behind a path prefix too
+
+        @app.api_route("/device/{name:path}", methods=["GET", "HEAD"], include_in_schema=False)
+        async def device(name: str):
+            """The web app's files (those of its folder only), as a static host would."""
+            file = device_files.get(name or "index.html")
+            if file is None:
+                return error_json(404, f"no file device/{name}")
+            return FileResponse(
+                file,
+                media_type=DEVICE_MEDIA_TYPES.get(file.suffix, "application/octet-stream"),
+                # revalidated every time: the service worker sees a new export at once
+                headers={"Content-Security-Policy": DEVICE_CSP, "Cache-Control": "no-cache"},
+            )
 
     if docs_static is not None:
         app.mount("/docs/static", StaticFiles(directory=docs_static), name="docs-static")
