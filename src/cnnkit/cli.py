@@ -132,19 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser(
-        "export", help="ONNX file verified against the model (int8 option), or a web app"
+        "export",
+        help="a file verified against the model for ONNX Runtime, a phone (ONNX Runtime "
+        "Mobile, ExecuTorch, Core ML) or the browser (a web app); int8 option",
     )
     p.add_argument("run", help="run directory")
     p.add_argument(
         "--format",
         default="onnx",
-        choices=["onnx", "webapp"],
-        help="onnx: one .onnx file; webapp: a folder that classifies in the browser, offline",
+        choices=["onnx", "webapp", "ort", "executorch", "coreml"],
+        help="onnx: one .onnx file; webapp: a folder that classifies in the browser, offline; "
+        "ort: ONNX Runtime Mobile (.ort); executorch: ExecuTorch (.pte, XNNPACK); coreml: "
+        "Core ML (.mlpackage)",
     )
     p.add_argument(
         "--out",
         "--output",
-        help="output file (default: <run>/model.onnx); for webapp a folder (default: <run>/webapp)",
+        help="output file (default: <run>/model.<format's suffix>); for webapp a folder "
+        "(default: <run>/webapp)",
     )
     p.add_argument(
         "--layout",

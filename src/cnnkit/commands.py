@@ -371,6 +371,8 @@ def cmd_export(args) -> int:
     _require_deploy_extras("export", "onnx", "onnxruntime", "onnxscript")
     if args.format == "webapp":
         return _export_webapp(args)
+    if args.format != "onnx":
+        return _export_mobile(args)
     from cnnkit.deploy.export import export_onnx
 
     run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
@@ -398,6 +400,45 @@ def cmd_export(args) -> int:
             f"{q['size_bytes']['fp32'] / 1e6:.2f} -> {q['size_bytes']['int8'] / 1e6:.2f} MB"
         )
     print(f"details: {Path(result.path).with_suffix('.json')}")
+    return 0
+
+
+def _export_mobile(args) -> int:
+    """``cnnkit export RUN --format ort|executorch|coreml``: a file for a phone's runtime."""
+    import cnnkit
+    from cnnkit.deploy.mobile import FORMATS, export_mobile, require
+
+    if args.layout != "nchw":
+        raise ValueError(f"--layout is for --format onnx; --format {args.format} takes NCHW")
+    require(args.format)  # before loading anything: a missing converter fails at once
+    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    out = Path(args.out) if args.out else run.path / f"model{FORMATS[args.format]}"
+    _check_writable(out.parent, f"choose a writable place with --out FILE{FORMATS[args.format]}")
+    result = export_mobile(run, args.format, out, quantize=args.quantize)
+    print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.runtime})")
+    check = result.parity
+    if check is not None:
+        print(
+            f"checked on {check['images']:,} validation images: top-1 agreement "
+            f"{check['top1_agreement']:.2%}, largest probability difference "
+            f"{check['max_probability_difference']:.1e}"
+        )
+    for line in result.checked:
+        print(f"  {line}")
+    if result.int8:
+        q = result.int8
+        size = q["size_bytes"]
+        change = (
+            f"accuracy {q['accuracy_int8']:.2%} vs {q['accuracy_fp32']:.2%} fp32 "
+            f"({q['accuracy_change_points']:+.2f} points); "
+            if "accuracy_int8" in q
+            else f"{q['accuracy']}; "
+        )
+        print(
+            f"wrote {result.int8_path}: {change}size {size['fp32'] / 1e6:.2f} -> "
+            f"{size['int8'] / 1e6:.2f} MB"
+        )
+    print(f"details: {result.path}.json")
     return 0
 
 

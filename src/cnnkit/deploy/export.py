@@ -131,21 +131,41 @@ def read_metadata(path: str | Path) -> dict:
     }
 
 
-def parity(session, wrapper: nn.Module, images: np.ndarray, layout: str) -> dict:
-    """Top-1 agreement and the largest probability difference, ONNX Runtime vs PyTorch."""
-    onnx_probs = _run(session, _to_layout(images, layout))
-    with torch.no_grad():
-        torch_probs = torch.cat(
-            [
-                wrapper(torch.from_numpy(_to_layout(images[i : i + 256], layout)))
-                for i in range(0, len(images), 256)
-            ]
-        ).numpy()
+def parity(predict, wrapper: nn.Module, images: np.ndarray, layout: str = "nchw") -> dict:
+    """Top-1 agreement and the largest probability difference between ``predict`` (an
+    exported file's runtime: images in ``layout`` -> probabilities) and PyTorch."""
+    exported = predict(_to_layout(images, layout))
+    reference = torch_probabilities(wrapper, _to_layout(images, layout))
     return {
         "images": len(images),
-        "top1_agreement": float((onnx_probs.argmax(1) == torch_probs.argmax(1)).mean()),
-        "max_probability_difference": float(np.abs(onnx_probs - torch_probs).max()),
+        "top1_agreement": float((exported.argmax(1) == reference.argmax(1)).mean()),
+        "max_probability_difference": float(np.abs(exported - reference).max()),
     }
+
+
+def torch_probabilities(wrapper: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat(
+            [wrapper(torch.from_numpy(images[i : i + batch])) for i in range(0, len(images), batch)]
+        ).numpy()
+
+
+def refuse_mismatch(path: Path, check: dict, what: str) -> None:
+    """Keep a file that disagrees with PyTorch as ``<name>.rejected<suffix>`` and raise."""
+    if (
+        check["max_probability_difference"] <= MAX_PROBABILITY_DIFFERENCE
+        and check["top1_agreement"] >= MIN_TOP1_AGREEMENT
+    ):
+        return
+    rejected = path.with_name(f"{path.stem}.rejected{path.suffix}")
+    path.rename(rejected)
+    raise ExportMismatchError(
+        f"the {what} export disagrees with the model on {check['images']} validation "
+        f"images: top-1 agreement {check['top1_agreement']:.4%}, largest probability "
+        f"difference {check['max_probability_difference']:.2e} (bounds "
+        f"{MIN_TOP1_AGREEMENT:.1%}, {MAX_PROBABILITY_DIFFERENCE:.0e}). The file was kept as "
+        f"{rejected} for inspection."
+    )
 
 
 def _images_per_second(fn, images: np.ndarray, batch: int, seconds: float = 1.0) -> float:
@@ -251,7 +271,8 @@ def export_onnx(
 
     val_images, val_labels = _model_inputs(run, "val", check_images)
     with progress("checking ONNX Runtime against PyTorch", None, "files"):
-        check = parity(_session(path), wrapper, val_images, layout)
+        session = _session(path)
+        check = parity(lambda x: _run(session, x), wrapper, val_images, layout)
     result = ExportResult(str(path), layout, check)
     ok = (
         check["max_probability_difference"] <= MAX_PROBABILITY_DIFFERENCE
@@ -270,15 +291,7 @@ def export_onnx(
     # The checkpoint it came from: a resumed run then knows this export is stale.
     details = {"checkpoint": run.checkpoint_ref, **result.to_dict()}
     (path.with_suffix(".json")).write_text(json.dumps(details, indent=2))
-    if not ok:
-        path.rename(path.with_suffix(".rejected.onnx"))
-        raise ExportMismatchError(
-            f"the ONNX export disagrees with the model on {check['images']} validation "
-            f"images: top-1 agreement {check['top1_agreement']:.4%}, largest probability "
-            f"difference {check['max_probability_difference']:.2e} (bounds "
-            f"{MIN_TOP1_AGREEMENT:.1%}, {MAX_PROBABILITY_DIFFERENCE:.0e}). The file was kept as "
-            f"{path.with_suffix('.rejected.onnx')} for inspection."
-        )
+    refuse_mismatch(path, check, "ONNX")
     return result
 
 

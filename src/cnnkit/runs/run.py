@@ -71,8 +71,10 @@ def selection_caveat(weights_file: str) -> str:
 
 # ------------------------------------------------ outputs derived from a checkpoint
 
-# The files that go with a derived JSON output (report.json's page, model.json's model).
-COMPANIONS = (".html", ".onnx")
+# The files that go with a derived JSON output (report.json's page, model.json's model,
+# model.pte.json's model.pte: the file a phone export's JSON describes).
+COMPANIONS = (".html", ".onnx", "")
+EXPORT_FORMATS = {".ort": "ort", ".pte": "executorch", ".mlpackage": "coreml"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ class StaleOutput:
             return f"cnnkit evaluate {run} --split {split}{weights}"
         if name == "report.json":
             return f"cnnkit report {run}{weights}"
-        return f"cnnkit export {run}{weights}"
+        fmt = EXPORT_FORMATS.get(Path(name).with_suffix("").suffix)
+        return f"cnnkit export {run}{f' --format {fmt}' if fmt else ''}{weights}"
 
     def describe(self) -> str:
         names = ", ".join(f.name for f in self.files)
