@@ -425,7 +425,9 @@ def _export_mobile(args) -> int:
         )
     for line in result.checked:
         print(f"  {line}")
-    if result.int8:
+    if result.int8 and "refused" in result.int8:
+        print(f"int8 refused: {result.int8['refused']}")
+    elif result.int8:
         q = result.int8
         size = q["size_bytes"]
         change = (

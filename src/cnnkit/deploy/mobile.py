@@ -54,6 +54,8 @@ FORMATS = {"ort": ".ort", "executorch": ".pte", "coreml": ".mlpackage"}
 # The largest batch a .pte accepts (its inputs are bounded tensors); the example batch
 # must be large enough that XNNPACK keeps that bound (a batch of 2 narrows it to 15).
 PTE_MAX_BATCH, PTE_EXAMPLE_BATCH = 256, 32
+# An int8 .pte must give the top-1 labels of the quantized PyTorch model it comes from.
+INT8_MIN_LOWERING_AGREEMENT = 0.99
 RUNTIME_PACKAGES = {"ort": "onnxruntime", "executorch": "executorch", "coreml": "coremltools"}
 EXTRAS = {"ort": "deploy", "executorch": "executorch", "coreml": "coreml"}
 
@@ -307,25 +309,33 @@ def read_pte_metadata(path: str | Path) -> dict:
     return json.loads(bytes(raw.tolist()).decode())
 
 
-def _quantized_pte_module(wrapper, example, calibration: np.ndarray):
+def _quantized_pte_module(run, wrapper, example, calibration: np.ndarray):
+    """The wrapper with its network quantized for XNNPACK (pt2e, symmetric, per channel,
+    calibrated on ``calibration``). Only the network: with the normalisation's multiply and
+    subtract quantized too, the .pte gave 30% accuracy where PyTorch's quantized module gave
+    92% (seed-cnn on MNIST, executorch 1.5.1); and a quantizer limited to the network by its
+    module name left most of EfficientNet-Lite0's layers in float. So the network is exported
+    and quantized on its own, then put back behind the float normalisation."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    # The network only: with the normalisation's multiply and subtract (per-channel
-    # constants) quantized too, the XNNPACK .pte gave 30% accuracy where PyTorch's
-    # quantized module gave 92% (seed-cnn on MNIST, executorch 1.5.1).
-    quantizer = XNNPACKQuantizer().set_module_name(
-        "model", get_symmetric_quantization_config(is_per_channel=True)
-    )
-    graph = torch.export.export(wrapper, (example,), dynamic_shapes=_pte_dynamic()).module()
-    prepared = prepare_pt2e(graph, quantizer)
+    config = get_symmetric_quantization_config(is_per_channel=True)
+    quantizer = XNNPACKQuantizer().set_global(config)
+    batch = _pte_dynamic()["images"][0]
+    normalise = lambda images: images.float() * wrapper.scale - wrapper.shift  # noqa: E731
+    network = torch.export.export(
+        wrapper.model, (normalise(example),), dynamic_shapes=({0: batch},)
+    ).module()
+    prepared = prepare_pt2e(network, quantizer)
     with torch.no_grad():
         for i in range(0, len(calibration), PTE_EXAMPLE_BATCH):
-            prepared(torch.from_numpy(calibration[i : i + PTE_EXAMPLE_BATCH]))
-    return convert_pt2e(prepared)
+            prepared(normalise(torch.from_numpy(calibration[i : i + PTE_EXAMPLE_BATCH])))
+    pre = run.preprocessing
+    # (no .eval(): an exported graph has no train mode to leave; its batch norms are folded)
+    return ImagesToProbabilities(convert_pt2e(prepared), pre["mean"], pre["std"])
 
 
 def _export_executorch(run, path, images, labels, quantize, calibration_images) -> MobileExport:
@@ -358,16 +368,31 @@ def _export_executorch(run, path, images, labels, quantize, calibration_images) 
         int8_path = path.with_name(f"{path.stem}-int8{path.suffix}")
         step = "int8 (XNNPACK quantizer, calibrating on training images)"
         with progress(step, None, "files"), _quiet():
-            module = _quantized_pte_module(wrapper, example, calibration)
+            module = _quantized_pte_module(run, wrapper, example, calibration)
             int8_path.write_bytes(
                 _pte_program(module, example, {**metadata, "quantization": "int8"})
             )
         predict8, _ = _pte_predict(int8_path)
-        result.int8_path = str(int8_path)
+        # The .pte against the quantized PyTorch model it was lowered from: rounding apart,
+        # they must agree (a lowering that does not is refused, not shipped).
+        lowering = parity(predict8, module, images)
         result.int8 = {
             **_accuracy_change(predict(images), predict8(images), labels),
+            "vs_quantized_pytorch": lowering,
             "size_bytes": {"fp32": _size(path), "int8": _size(int8_path)},
         }
+        if lowering["top1_agreement"] < INT8_MIN_LOWERING_AGREEMENT:
+            rejected = int8_path.with_name(f"{int8_path.stem}.rejected{int8_path.suffix}")
+            int8_path.rename(rejected)
+            result.int8["refused"] = (
+                f"the int8 .pte agrees with the quantized PyTorch model on only "
+                f"{lowering['top1_agreement']:.1%} of {lowering['images']} validation images "
+                f"(XNNPACK's lowering of this network, {_version('executorch')}); kept as "
+                f"{rejected}. The ONNX Runtime int8 file (--format ort --quantize int8) is "
+                "another way to a small file on the phone"
+            )
+        else:
+            result.int8_path = str(int8_path)
     return result
 
 
@@ -381,11 +406,13 @@ def _coreml_model(run, wrapper):
         import coremltools as ct
 
     c, (h, w) = run.preprocessing["channels"], run.preprocessing["size"]
-    # traced with float pixels 0..255: the wrapper's uint8-to-float cast is then a no-op
+    # exported with float pixels 0..255: the wrapper's uint8-to-float cast is then a no-op
     with _quiet():
-        traced = torch.jit.trace(wrapper, (torch.rand(1, c, h, w) * 255,))
+        # torch.export rather than TorchScript: coremltools 9.0 fails on traced
+        # EfficientNet-Lite0 with numpy 2.4 (its aten::Int casts a 1-element array)
+        program = torch.export.export(wrapper, (torch.rand(1, c, h, w) * 255,))
         model = ct.convert(
-            traced,
+            program.run_decompositions({}),
             inputs=[
                 ct.ImageType(
                     name="image",
