@@ -515,6 +515,8 @@ def measure_model(name: str, args, work: Path, cpu: str) -> list[dict]:
                     else measure_file(p8, image, args)
                 )
                 result["int8"] = {**timing, **int8_fields(r.int8)}
+            elif r.int8 and "refused" in r.int8:  # the export refused its own int8 file
+                result["int8"] = {"refused": r.int8["refused"]}
             return result
 
         attempt(fmt, ("fp32", "int8"), mobile)
@@ -552,10 +554,9 @@ def table(records: list[dict]) -> str:
     for r in records:
         if r.get("kind"):
             continue
-        if "error" in r:
-            lines.append(
-                f"{r['model']:<32} {r['format']:<11} {r['precision']:<5} error: {r['error'][:70]}"
-            )
+        if "error" in r or "refused" in r:
+            why = f"error: {r['error']}" if "error" in r else f"refused: {r['refused']}"
+            lines.append(f"{r['model']:<32} {r['format']:<11} {r['precision']:<5} {why[:80]}")
             continue
         load = f"{r['load_s']:.4f}" if r.get("load_s") is not None else "-"
         med = f"{r['latency_median_ms']:.3f}" if "latency_median_ms" in r else "-"
