@@ -69,8 +69,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import http.server
 import json
 import os
 import platform
@@ -79,7 +77,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -299,35 +296,6 @@ def measure_file(path: Path, image: np.ndarray, args) -> dict:
 # ---------------------------------------------------------------- the browser
 
 
-class StaticServer:
-    """A folder served on 127.0.0.1 (a free port) from a thread, quietly."""
-
-    def __init__(self, folder: Path):
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            extensions_map = {
-                **http.server.SimpleHTTPRequestHandler.extensions_map,
-                ".wasm": "application/wasm",
-                ".webmanifest": "application/manifest+json",
-                ".js": "text/javascript",
-            }
-
-            def log_message(self, *args):
-                pass
-
-        handler = functools.partial(Handler, directory=str(folder))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 # Runs in the page (page.evaluate is not held to the page's CSP). The same bundle, env and
 # session options as app.js's load(); session.run timed as app.js's classify() does.
 BROWSER_JS = """
@@ -370,7 +338,7 @@ def measure_browser(run, image: np.ndarray, onnx_int8: Path | None, work: Path, 
     """{precision: fields} for the web app's model in Chromium (fp32, and int8 if given)."""
     from playwright.sync_api import sync_playwright
 
-    from cnnkit.deploy.webapp import export_webapp
+    from cnnkit.deploy.webapp import StaticServer, export_webapp
 
     app = work / "webapp"
     result = export_webapp(run, app, check_images=args.check_images)

@@ -1,8 +1,6 @@
 """``cnnkit export --format webapp``: the browser app, offline, against PyTorch; the runtime
 it vendors from npm; and ``cnnkit serve``'s /device/."""
 
-import functools
-import http.server
 import json
 import os
 import re
@@ -63,38 +61,6 @@ def digit_files(tmp_path_factory, tiny_run) -> list[tuple[Path, str, float]]:
     return out
 
 
-class StaticServer:
-    """A plain static host for a folder on 127.0.0.1, counting the requests it answers."""
-
-    def __init__(self, folder: Path):
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            extensions_map = {
-                **http.server.SimpleHTTPRequestHandler.extensions_map,
-                ".wasm": "application/wasm",
-                ".webmanifest": "application/manifest+json",
-                ".js": "text/javascript",
-            }
-
-            def log_message(self, *args):
-                server.requests.append(self.path)
-
-        handler = functools.partial(Handler, directory=str(folder))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def _wait(page, expression: str, timeout: float = 30.0):
     """Poll ``expression`` in the page until truthy (page.evaluate is not held to the page's
     CSP, which forbids eval and so playwright's wait_for_function)."""
@@ -142,7 +108,7 @@ def test_webapp_offline_in_chromium_matches_pytorch(browser, app_dir, digit_file
     os.umask(umask)
     assert app_dir.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
 
-    with StaticServer(app_dir) as server:
+    with webapp.StaticServer(app_dir) as server:
         context = browser.new_context()
         page = context.new_page()
         problems: list[str] = []  # console errors (CSP violations among them), failed loads
@@ -326,7 +292,7 @@ def test_cats_vs_dogs_photos_in_chromium(browser, cats_run, cats_dogs_dir, ort_w
         for p in sorted((cats_dogs_dir / "validation" / kind).glob("*.jpg"))[:4]
     ]
     torch_top = [p.top[0] for p in cats_run.predict([str(p) for p in photos])]
-    with StaticServer(out) as server:
+    with webapp.StaticServer(out) as server:
         context = browser.new_context()
         page = context.new_page()
         problems: list[str] = []

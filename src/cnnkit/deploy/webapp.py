@@ -378,6 +378,45 @@ def export_webapp(
 # ---------------------------------------------------------------- for cnnkit serve
 
 
+class StaticServer:
+    """A plain static host for an exported folder on 127.0.0.1 at a free port, from a thread
+    (``with StaticServer(folder) as server: ... server.url``), as any static host would
+    serve it: for a preview, the browser tests and the benchmark. ``requests``: the paths
+    it answered (a service worker that answers offline leaves none)."""
+
+    def __init__(self, folder: Path):
+        import functools
+        import http.server
+        import threading
+
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            extensions_map = {
+                **http.server.SimpleHTTPRequestHandler.extensions_map,
+                ".wasm": "application/wasm",
+                ".webmanifest": "application/manifest+json",
+                ".js": "text/javascript",
+            }
+
+            def log_message(self, *args):
+                server.requests.append(self.path)
+
+        handler = functools.partial(Handler, directory=str(folder))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def webapp_files(folder: Path) -> dict[str, Path]:
     """The files a web app folder's service worker lists (relative path -> file), sw.js
     included; empty when ``folder`` holds no web app."""
