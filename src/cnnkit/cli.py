@@ -140,10 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="onnx",
-        choices=["onnx", "webapp", "ort", "executorch", "coreml"],
+        choices=["onnx", "webapp", "ort", "executorch", "coreml", "triton"],
         help="onnx: one .onnx file; webapp: a folder that classifies in the browser, offline; "
         "ort: ONNX Runtime Mobile (.ort); executorch: ExecuTorch (.pte, XNNPACK); coreml: "
-        "Core ML (.mlpackage)",
+        "Core ML (.mlpackage); triton: an NVIDIA Triton model repository folder "
+        "(default: <run>/triton)",
     )
     p.add_argument(
         "--out",

@@ -371,6 +371,8 @@ def cmd_export(args) -> int:
     _require_deploy_extras("export", "onnx", "onnxruntime", "onnxscript")
     if args.format == "webapp":
         return _export_webapp(args)
+    if args.format == "triton":
+        return _export_triton(args)
     if args.format != "onnx":
         return _export_mobile(args)
     from cnnkit.deploy.export import export_onnx
@@ -441,6 +443,36 @@ def _export_mobile(args) -> int:
             f"{size['int8'] / 1e6:.2f} MB"
         )
     print(f"details: {result.path}.json")
+    return 0
+
+
+def _export_triton(args) -> int:
+    """``cnnkit export RUN --format triton``: an NVIDIA Triton model repository folder."""
+    import cnnkit
+    from cnnkit.deploy.triton import export_triton, require
+
+    if args.quantize:
+        raise ValueError("--quantize is for --format onnx; the Triton repository holds fp32")
+    if args.layout != "nchw":
+        raise ValueError("--layout is for --format onnx; the Triton repository takes NCHW")
+    require()  # before loading anything: a missing tritonclient fails at once
+    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    out = Path(args.out) if args.out else run.path / "triton"
+    _check_writable(out, "choose a writable place with --out DIR")
+    result = export_triton(run, out)
+    print(
+        f"wrote {result.model_dir}/: config.pbtxt, labels.txt, 1/model.onnx (model "
+        f"'{result.name}', uint8 NCHW 'images' -> FP32 'probabilities', dynamic batching up "
+        f"to {result.max_batch_size})"
+    )
+    print("checked (no Triton server was run):")
+    for line in result.checks:
+        print(f"  {line}")
+    print(f"serve it with Triton (add --gpus all for GPUs): {result.command()}")
+    print(
+        "  <yy.mm>: a tritonserver release on NGC whose CUDA suits your driver; the -py3 "
+        "images include the ONNX Runtime backend"
+    )
     return 0
 
 

@@ -110,10 +110,12 @@ def route_template(app: ASGIApp, scope: Scope) -> str:
     partial = None
     for route in routes:
         match, _ = route.matches(scope)
+        # (a route with no path of its own, such as an included router, names none)
+        path = getattr(route, "path", None)
         if match == Match.FULL:
-            return route.path
+            return path or UNMATCHED_PATH
         if match == Match.PARTIAL and partial is None:  # the path, but not the method
-            partial = route.path
+            partial = path
     return partial or UNMATCHED_PATH
 
 

@@ -6,7 +6,9 @@ Endpoints: ``POST /v1/predict`` (multipart files or a raw image body), ``POST /v
 from this machine), ``GET /openapi.json`` and ``GET /`` (the page). When the served weights
 were also exported as a web app (``cnnkit export RUN --format webapp``, into ``webapp/``
 beside them), its files are served under ``GET /device/`` and the page links to it: the same
-classifier running in the browser, on the visitor's device.
+classifier running in the browser, on the visitor's device. The Open Inference Protocol
+(KServe v2, with Triton's classification and binary tensor extensions) is served under ``/v2``
+by ``v2.py``, through the same batcher and limits.
 
 Requests that arrive together are batched: what queued up while the previous batch ran
 goes into the next one, topped up for at most ``max_wait_ms`` when several arrive at once
@@ -77,6 +79,7 @@ from .uploads import (
     decode_upload,
     read_uploads,
 )
+from .v2 import add_v2_routes
 from .webapp import webapp_checkpoint, webapp_files
 
 log = logging.getLogger("cnnkit.serve")
@@ -586,6 +589,8 @@ def create_app(
     async def explain(request: Request):
         """Grad-CAM overlay (PNG data URI) for the predicted class of one image."""
         return await service.explain(request)
+
+    add_v2_routes(app, service)  # the Open Inference Protocol (KServe v2), in v2.py
 
     if device_files:
 
