@@ -1,6 +1,7 @@
 import importlib.util
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -164,7 +165,7 @@ def test_input_errors(client, digits):
 
 
 def test_model_health_docs_page_and_explain(client, tiny_run, digits):
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "worker": os.getpid()}
     info = client.get("/v1/model").json()
     assert info["classes"] == tiny_run.classes and info["input"]["size"] == [28, 28]
     assert info["backend"] == "torch" and info["explain"] is True

@@ -195,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--header-timeout", type=float, help="seconds the headers may take to arrive (default 10)"
     )
+    p.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        help="images waiting at most before requests are answered 503 with Retry-After "
+        "(default: 4 x --max-batch)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="server processes sharing the port, each with the model loaded once (default 1)",
+    )
 
     p = sub.add_parser("predict", help="classify image files with a trained run or ONNX file")
     p.add_argument("run", help="run directory, checkpoint .pt, or exported .onnx")

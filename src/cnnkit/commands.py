@@ -529,6 +529,7 @@ def cmd_serve(args) -> int:
         max_wait_ms=args.max_wait_ms,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_pixels=args.max_pixels,
+        workers=args.workers,
         **{  # only what was given: the service keeps its own defaults for the rest
             name: value
             for name, value in (
@@ -536,6 +537,7 @@ def cmd_serve(args) -> int:
                 ("decode_threads", args.decode_threads),
                 ("upload_timeout_s", args.upload_timeout),
                 ("header_timeout_s", args.header_timeout),
+                ("max_queue", args.max_queue),
             )
             if value is not None
         },

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 
 from fastapi.responses import JSONResponse
@@ -15,6 +16,7 @@ from prometheus_client import generate_latest as prometheus_text
 from starlette.datastructures import MutableHeaders
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 log = logging.getLogger("cnnkit.serve")
 
@@ -170,7 +172,11 @@ class GuardMiddleware:
             )
 
 
-def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
+# serve --workers: the header deadline of the worker processes, which import this module
+HEADER_TIMEOUT_ENV = "CNNKIT_HEADER_TIMEOUT_S"
+
+
+class HeaderTimeoutProtocol(AutoHTTPProtocol):
     """uvicorn's HTTP protocol, closing a connection whose request line and headers have not
     all arrived ``seconds`` after it opened or after its last response (slowloris).
 
@@ -178,33 +184,39 @@ def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
     nothing in uvicorn bounds the wait for headers: a client sending them a byte at a time
     holds its connection for ever. Both of uvicorn's HTTP protocols set ``cycle`` when a
     request's headers are complete; that is what the timer looks at.
+
+    A class at module level (uvicorn's worker processes import it by name); ``seconds``
+    comes from $CNNKIT_HEADER_TIMEOUT_S there, from ``header_timeout_protocol`` in one
+    process.
     """
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    class HeaderTimeoutProtocol(AutoHTTPProtocol):
-        header_timer: asyncio.TimerHandle | None = None
+    seconds = float(os.environ.get(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT_S))
+    header_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self.arm_header_timer()
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.arm_header_timer()
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self.arm_header_timer()
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.arm_header_timer()
 
-        def connection_lost(self, exc) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            super().connection_lost(exc)
+    def connection_lost(self, exc) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        super().connection_lost(exc)
 
-        def arm_header_timer(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            self.header_timer = self.loop.call_later(seconds, self.headers_too_slow)
+    def arm_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        self.header_timer = self.loop.call_later(self.seconds, self.headers_too_slow)
 
-        def headers_too_slow(self) -> None:
-            waiting = self.cycle is None or self.cycle.response_complete  # no request begun
-            if waiting and not self.transport.is_closing():
-                self.transport.close()
+    def headers_too_slow(self) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete  # no request begun
+        if waiting and not self.transport.is_closing():
+            self.transport.close()
 
-    return HeaderTimeoutProtocol
+
+def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
+    """HeaderTimeoutProtocol with a deadline of ``seconds``."""
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"seconds": seconds})

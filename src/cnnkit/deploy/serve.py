@@ -63,8 +63,10 @@ from cnnkit.runs.inference import top_k as top_k_classes
 from cnnkit.runs.run import load_run
 
 from .guard import (
+    HEADER_TIMEOUT_ENV,
     HEADER_TIMEOUT_S,
     GuardMiddleware,
+    HeaderTimeoutProtocol,
     Metrics,
     error_json,
     header_timeout_protocol,
@@ -195,10 +197,19 @@ class Predictor:
         return label, "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+class Overloaded(Exception):
+    """More images waiting than the server takes on: answered 503 with Retry-After."""
+
+
+RETRY_AFTER_S = 1  # what an overloaded server tells a client to wait
+
+
 class MicroBatcher:
     """Collects concurrent single-image requests into batches for one worker thread.
 
-    ``on_batch`` is told the size of each batch (the metrics count them).
+    ``on_batch`` is told the size of each batch (the metrics count them). At most
+    ``max_queue`` images wait or run at once: past that, ``submit`` raises Overloaded at
+    once (a 503), rather than queueing without bound while every answer grows late.
     """
 
     def __init__(
@@ -207,9 +218,12 @@ class MicroBatcher:
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         on_batch: Callable[[int], None] | None = None,
+        max_queue: int | None = None,
     ):
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.on_batch = on_batch
+        self.max_queue = max_queue or 4 * max_batch
+        self.pending = 0  # images submitted and not yet answered
         self.queue: asyncio.Queue | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnkit-infer")
         self.task: asyncio.Task | None = None
@@ -223,12 +237,26 @@ class MicroBatcher:
             self.task.cancel()
         self.executor.shutdown(wait=False)
 
+    def check_capacity(self, images: int = 1) -> None:
+        """Raise Overloaded when ``images`` more would pass ``max_queue`` (a request larger
+        than the queue is still taken when nothing waits)."""
+        if self.pending and self.pending + images > self.max_queue:
+            raise Overloaded(
+                f"the server is at capacity ({self.pending} images waiting, at most "
+                f"{self.max_queue}); retry in {RETRY_AFTER_S} s"
+            )
+
     async def submit(self, images: list[torch.Tensor]) -> list[np.ndarray]:
+        self.check_capacity(len(images))
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in images]
-        for image, future in zip(images, futures, strict=True):
-            await self.queue.put((image, future))
-        return list(await asyncio.gather(*futures))
+        self.pending += len(images)
+        try:
+            for image, future in zip(images, futures, strict=True):
+                await self.queue.put((image, future))
+            return list(await asyncio.gather(*futures))
+        finally:
+            self.pending -= len(images)
 
     def _run(self, images: list[torch.Tensor]) -> np.ndarray:
         return self.fn(torch.stack(images))  # stacking is a copy: off the event loop too
@@ -413,6 +441,7 @@ class Service:
 
     async def predict(self, request: Request, k: int | None = None) -> JSONResponse:
         """One result per file, in order; 200 when any was classified, else the first error."""
+        self.batcher.check_capacity()  # before reading and decoding anything
         try:
             k = check_k(k, self.default_k, len(self.predictor.classes))
             uploads = await self.read(request)
@@ -496,16 +525,23 @@ def create_app(
     upload_timeout_s: float = UPLOAD_TIMEOUT_S,
     top_k: int = 5,
     host: str | None = None,
+    max_queue: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving the run or ONNX file at ``model_path``.
 
     ``host``: where the server is bound. Bound to a loopback address, the app
     answers 421 to requests whose Host header names another machine (DNS rebinding).
+    ``max_queue``: images waiting or running at most before requests get 503 (default: 4
+    batches).
     """
     predictor = Predictor(model_path, backend)
     metrics = Metrics(max_batch)
     batcher = MicroBatcher(
-        predictor.probabilities, max_batch, max_wait_ms, on_batch=metrics.batch_size.observe
+        predictor.probabilities,
+        max_batch,
+        max_wait_ms,
+        on_batch=metrics.batch_size.observe,
+        max_queue=max_queue,
     )
     service = Service(
         predictor,
@@ -552,6 +588,16 @@ def create_app(
         metrics.input_error(422)
         return error_json(422, _validation_message(exc))
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        # (counted with every answer by status, not as an input error: the input was fine)
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        if request.url.path.startswith("/v2/"):  # the inference protocol's error shape
+            return JSONResponse({"error": str(exc)}, status_code=503, headers=headers)
+        response = error_json(503, str(exc))
+        response.headers.update(headers)
+        return response
+
     # Route functions carry no return annotation: FastAPI would take it for a response model.
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
@@ -563,7 +609,8 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok"}
+        # worker: the process that answered (cnnkit serve --workers runs several)
+        return {"status": "ok", "worker": os.getpid()}
 
     # HEAD too, for probes that use it; one operation in the OpenAPI schema is enough.
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
@@ -629,25 +676,55 @@ def create_app(
     return app
 
 
+# How long a stopping server (SIGTERM, Ctrl-C) waits for the requests it has accepted.
+GRACEFUL_SHUTDOWN_S = 30
+# --workers: the child processes build their app from this (a JSON of create_app's args).
+APP_ENV = "CNNKIT_SERVE_APP"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of ``serve(..., workers=N)``: each loads the model."""
+    settings = json.loads(os.environ[APP_ENV])
+    return create_app(settings.pop("model_path"), **settings)
+
+
 def serve(
     model_path: str | Path,
     host: str = "127.0.0.1",
     port: int = 8000,
     header_timeout_s: float = HEADER_TIMEOUT_S,
+    workers: int = 1,
     **kwargs,
 ) -> None:
-    """Serve ``model_path`` with uvicorn; ``kwargs`` go to ``create_app``."""
+    """Serve ``model_path`` with uvicorn; ``kwargs`` go to ``create_app``.
+
+    ``workers`` > 1: that many processes share the port (uvicorn's supervisor), each with
+    the model loaded once and its own batcher and metrics. SIGTERM or Ctrl-C: the server
+    stops accepting connections and answers the requests it has accepted (for at most
+    GRACEFUL_SHUTDOWN_S) before it exits."""
     import uvicorn
 
-    app = create_app(model_path, host=host, **kwargs)
     # Slow clients: idle keep-alive connections are closed after 5 s, headers that have not
     # arrived within header_timeout_s close the connection, and a body that trickles in is
     # answered 408 by the app (upload_timeout_s).
+    common = {
+        "host": host,
+        "port": port,
+        "log_level": "info",
+        "timeout_keep_alive": 5,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+    }
+    if workers <= 1:
+        app = create_app(model_path, host=host, **kwargs)
+        uvicorn.run(app, http=header_timeout_protocol(header_timeout_s), **common)
+        return
+    Predictor(model_path, kwargs.get("backend", "auto"))  # a bad model fails here, once
+    os.environ[APP_ENV] = json.dumps({"model_path": str(model_path), "host": host, **kwargs})
+    os.environ[HEADER_TIMEOUT_ENV] = str(header_timeout_s)
     uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="info",
-        timeout_keep_alive=5,
-        http=header_timeout_protocol(header_timeout_s),
+        "cnnkit.deploy.serve:app_from_environment",
+        factory=True,
+        workers=workers,
+        http=HeaderTimeoutProtocol,  # the class itself: the workers' settings come by env
+        **common,
     )

@@ -316,6 +316,7 @@ def add_v2_routes(app: FastAPI, service) -> None:
         error = unknown(model, version)
         if error:
             return error
+        service.batcher.check_capacity()  # a 503 before reading anything, when overloaded
         try:
             encoding = request.headers.get("content-encoding", "identity").lower()
             if encoding != "identity":
@@ -339,7 +340,7 @@ def add_v2_routes(app: FastAPI, service) -> None:
         except InputError as e:
             return reject(e)
         tensors = [torch.from_numpy(image) for image in images]
-        probs = np.stack(await service.batcher.submit(tensors))
+        probs = np.stack(await service.batcher.submit(tensors))  # Overloaded: 503 (serve.py)
         metrics.images.inc(len(tensors))
         return await loop.run_in_executor(  # a large JSON answer is CPU work too
             service.decoder, infer_response, parsed, name, probs, classes, outputs
