@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ class StubPredictor:
         self.classes = ["dark", "mid", "bright"]
         self.preprocessing = {"channels": 1, "size": [8, 8]}
         self.can_explain = False
+        self.path = Path(path)  # the model's name in the inference protocol: "stub"
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         m = images.float().mean(dim=(1, 2, 3)) / 255

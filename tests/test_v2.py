@@ -5,11 +5,9 @@ import json
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -17,24 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import cnnkit.deploy.serve as serve  # noqa: E402
 from cnnkit.data import load_dataset  # noqa: E402
-
-
-class StubPredictor:
-    """Three classes on 8x8 grey images; the brighter the image, the more 'bright'."""
-
-    def __init__(self, path, backend="auto"):
-        self.classes = ["dark", "mid", "bright"]
-        self.preprocessing = {"channels": 1, "size": [8, 8]}
-        self.can_explain = False
-        self.path = Path(path)  # the model's name in the protocol: "stub"
-
-    def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        m = images.float().mean(dim=(1, 2, 3)) / 255
-        logits = torch.stack([1 - m, torch.full_like(m, 0.5), m], dim=1) * 10
-        return torch.softmax(logits, dim=1).numpy()
-
-    def describe(self) -> dict:
-        return {"backend": "stub", "classes": self.classes}
+from test_serve import StubPredictor  # noqa: E402
 
 
 @pytest.fixture
