@@ -168,4 +168,19 @@ def test_the_capacity_bound_counts_images_in_flight():
         assert len(await batcher.submit([image])) == 1
         await batcher.stop()
 
-    asyncio.run(scenario())
+    # in a thread of its own: an earlier test (playwright's sync API) may have left an event
+    # loop running in this one, where asyncio.run refuses to start
+    failures = []
+    thread = threading.Thread(target=lambda: _run_catching(scenario, failures))
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive() and not failures, failures
+
+
+def _run_catching(scenario, failures: list) -> None:
+    import asyncio
+
+    try:
+        asyncio.run(scenario())
+    except BaseException as e:  # reported by the test's own thread
+        failures.append(repr(e))
