@@ -260,11 +260,9 @@ def model_name(run) -> str:
 
 def measure_pytorch(run, image: np.ndarray, work: Path, args) -> dict:
     import cnnkit
-    from cnnkit.deploy.export import ImagesToProbabilities
+    from cnnkit.deploy.export import images_to_probabilities
 
-    model = run.model.to("cpu").eval().to(memory_format=torch.contiguous_format)
-    pre = run.preprocessing
-    wrapper = ImagesToProbabilities(model, pre["mean"], pre["std"]).eval()
+    wrapper = images_to_probabilities(run)
     weights = work / "state_dict.pt"
     torch.save(wrapper.state_dict(), weights)
     load_s, _ = time_load(lambda: cnnkit.load(run.path, device="cpu"), args.loads)

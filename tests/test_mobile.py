@@ -26,10 +26,10 @@ from cnnkit.deploy.mobile import (  # noqa: E402
 @pytest.fixture(scope="module")
 def digits(tiny_run):
     """(uint8 NCHW validation digits, labels, PyTorch's probabilities of them)."""
-    from cnnkit.deploy.mobile import _wrapper
+    from cnnkit.deploy.export import images_to_probabilities
 
     images, labels = _model_inputs(tiny_run, "val", 300)
-    return images, labels, torch_probabilities(_wrapper(tiny_run), images)
+    return images, labels, torch_probabilities(images_to_probabilities(tiny_run), images)
 
 
 def _agrees(path, digits) -> None:

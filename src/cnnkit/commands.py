@@ -386,11 +386,7 @@ def cmd_export(args) -> int:
         f"wrote {result.path} (uint8 {args.layout.upper()} input, normalisation, classes "
         "and provenance inside)"
     )
-    print(
-        f"checked on {check['images']:,} validation images with ONNX Runtime: top-1 "
-        f"agreement {check['top1_agreement']:.2%}, largest probability difference "
-        f"{check['max_probability_difference']:.1e}"
-    )
+    print(_parity_line(check, " with ONNX Runtime"))
     if result.int8:
         q = result.int8
         speed = q["images_per_s"]["batch_32"]
@@ -403,6 +399,15 @@ def cmd_export(args) -> int:
         )
     print(f"details: {Path(result.path).with_suffix('.json')}")
     return 0
+
+
+def _parity_line(check: dict, runtime: str = "") -> str:
+    """How an exported file compared with PyTorch, in one line."""
+    return (
+        f"checked on {check['images']:,} validation images{runtime}: top-1 agreement "
+        f"{check['top1_agreement']:.2%}, largest probability difference "
+        f"{check['max_probability_difference']:.1e}"
+    )
 
 
 def _export_mobile(args) -> int:
@@ -420,11 +425,7 @@ def _export_mobile(args) -> int:
     print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.runtime})")
     check = result.parity
     if check is not None:
-        print(
-            f"checked on {check['images']:,} validation images: top-1 agreement "
-            f"{check['top1_agreement']:.2%}, largest probability difference "
-            f"{check['max_probability_difference']:.1e}"
-        )
+        print(_parity_line(check))
     for line in result.checked:
         print(f"  {line}")
     if result.int8 and "refused" in result.int8:
@@ -499,11 +500,7 @@ def _export_webapp(args) -> int:
         "for offline use and the camera), e.g. python -m http.server -d "
         f"{result.path} 8000"
     )
-    print(
-        f"checked on {check['images']:,} validation images with ONNX Runtime: top-1 "
-        f"agreement {check['top1_agreement']:.2%}, largest probability difference "
-        f"{check['max_probability_difference']:.1e}"
-    )
+    print(_parity_line(check, " with ONNX Runtime"))
     print(f"details: {Path(result.path) / 'config.json'}")
     return 0
 

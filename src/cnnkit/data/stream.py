@@ -200,14 +200,8 @@ def stream_batches(
     """One epoch of one rank: (uint8 images (B, C, S, S), labels) batches, all of
     ``batch_size`` but the last; ``skip`` batches left out at the start (a resumed epoch:
     their samples are decoded again, not given)."""
-    loader = torch.utils.data.DataLoader(
-        ShardStream(plan),
-        batch_size=None,  # chunks from the workers, cut into batches here (see above)
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
-    )
     images, labels, held, made = [], [], 0, 0
-    for chunk_images, chunk_labels, _ in loader:
+    for chunk_images, chunk_labels, _ in _chunks(plan, workers):
         images.append(chunk_images)
         labels.append(chunk_labels)
         held += len(chunk_labels)
@@ -227,8 +221,13 @@ def split_chunks(data: StreamedData, split: str) -> Iterator[tuple[torch.Tensor,
     position names its sample (``read_samples``). A sample that does not decode is left out
     with a warning naming it."""
     plan = data.plan(split)
-    workers = min(data.workers, len(plan.split.urls))
-    yield from torch.utils.data.DataLoader(
+    yield from _chunks(plan, min(data.workers, len(plan.split.urls)))
+
+
+def _chunks(plan: StreamPlan, workers: int) -> torch.utils.data.DataLoader:
+    """The chunks of ``plan`` as ``workers`` decoding processes deliver them (batches are
+    cut out of them by the caller: see above)."""
+    return torch.utils.data.DataLoader(
         ShardStream(plan),
         batch_size=None,
         num_workers=workers,

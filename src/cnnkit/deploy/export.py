@@ -150,12 +150,17 @@ def torch_probabilities(wrapper: nn.Module, images: np.ndarray, batch: int = 256
         ).numpy()
 
 
-def refuse_mismatch(path: Path, check: dict, what: str) -> None:
-    """Keep a file that disagrees with PyTorch as ``<name>.rejected<suffix>`` and raise."""
-    if (
+def agrees(check: dict) -> bool:
+    """Whether a parity check is within the bounds an exported file must meet."""
+    return (
         check["max_probability_difference"] <= MAX_PROBABILITY_DIFFERENCE
         and check["top1_agreement"] >= MIN_TOP1_AGREEMENT
-    ):
+    )
+
+
+def refuse_mismatch(path: Path, check: dict, what: str) -> None:
+    """Keep a file that disagrees with PyTorch as ``<name>.rejected<suffix>`` and raise."""
+    if agrees(check):
         return
     rejected = path.with_name(f"{path.stem}.rejected{path.suffix}")
     path.rename(rejected)
@@ -214,6 +219,60 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
         prepared.unlink(missing_ok=True)
 
 
+def images_to_probabilities(run, layout: str = "nchw") -> ImagesToProbabilities:
+    """The run's model on the CPU behind its normalisation: what every export converts."""
+    model = run.model.to("cpu").eval().to(memory_format=torch.contiguous_format)
+    pre = run.preprocessing
+    return ImagesToProbabilities(model, pre["mean"], pre["std"], layout).eval()
+
+
+def export_metadata(run, layout: str = "nchw") -> dict:
+    """What every exported file carries: the class names, the preprocessing of its uint8
+    input and the provenance (the checkpoint it was made from)."""
+    return {
+        "classes": run.classes,
+        "preprocessing": {
+            **run.preprocessing,
+            "layout": layout,
+            "input_dtype": "uint8",
+            "normalised_in_graph": True,
+        },
+        "provenance": {
+            "cnnkit": __version__,
+            "torch": str(torch.__version__),
+            "run": str(run.path),
+            "model": run.config.model.name,
+            "data": run.config.data.name,
+            "checkpoint_epoch": run.checkpoint_info.get("epoch"),
+            "checkpoint_created": run.checkpoint_info.get("created"),
+            "checkpoint": run.checkpoint_ref,  # file, epoch, date, weights' checksum
+        },
+    }
+
+
+def accuracy_change(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> dict:
+    """Top-1 accuracy of a float and an int8 model's probabilities, and their agreement."""
+    acc32 = float((fp32.argmax(1) == labels).mean())
+    acc8 = float((int8.argmax(1) == labels).mean())
+    return {
+        "images": len(labels),
+        "accuracy_fp32": acc32,
+        "accuracy_int8": acc8,
+        "accuracy_change_points": (acc8 - acc32) * 100,
+        "top1_agreement_with_fp32": float((int8.argmax(1) == fp32.argmax(1)).mean()),
+    }
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of a Python package (a converter's, for the record)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def export_onnx(
     run,
     path: str | Path | None = None,
@@ -231,9 +290,8 @@ def export_onnx(
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be int8, got '{quantize}'")
     path = Path(path) if path else run.path / "model.onnx"
-    model = run.model.to("cpu").eval().to(memory_format=torch.contiguous_format)
+    wrapper = images_to_probabilities(run, layout)
     pre = run.preprocessing
-    wrapper = ImagesToProbabilities(model, pre["mean"], pre["std"], layout).eval()
     c, (h, w) = pre["channels"], pre["size"]
     dummy = torch.zeros((1, c, h, w) if layout == "nchw" else (1, h, w, c), dtype=torch.uint8)
     with warnings.catch_warnings():
@@ -248,25 +306,7 @@ def export_onnx(
             dynamo=False,
             dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
         )
-    metadata = {
-        "classes": run.classes,
-        "preprocessing": {
-            **pre,
-            "layout": layout,
-            "input_dtype": "uint8",
-            "normalised_in_graph": True,
-        },
-        "provenance": {
-            "cnnkit": __version__,
-            "torch": str(torch.__version__),
-            "run": str(run.path),
-            "model": run.config.model.name,
-            "data": run.config.data.name,
-            "checkpoint_epoch": run.checkpoint_info.get("epoch"),
-            "checkpoint_created": run.checkpoint_info.get("created"),
-            "checkpoint": run.checkpoint_ref,  # file, epoch, date, weights' checksum
-        },
-    }
+    metadata = export_metadata(run, layout)
     write_metadata(path, metadata)
 
     val_images, val_labels = _model_inputs(run, "val", check_images)
@@ -274,11 +314,7 @@ def export_onnx(
         session = _session(path)
         check = parity(lambda x: _run(session, x), wrapper, val_images, layout)
     result = ExportResult(str(path), layout, check)
-    ok = (
-        check["max_probability_difference"] <= MAX_PROBABILITY_DIFFERENCE
-        and check["top1_agreement"] >= MIN_TOP1_AGREEMENT
-    )
-    if quantize == "int8" and ok:
+    if quantize == "int8" and agrees(check):
         result.int8_path = str(path.with_name(path.stem + "-int8.onnx"))
         calib, _ = _model_inputs(run, "train", calibration_images)
         with progress("int8 quantization (calibrating on training images)", None, "files"):
@@ -317,13 +353,8 @@ def _int8_report(
                 _images_per_second(lambda x: s8.run(None, {name: x}), images, batch)
             ),
         }
-    acc32, acc8 = float((p32.argmax(1) == labels).mean()), float((p8.argmax(1) == labels).mean())
     return {
-        "images": len(images),
-        "accuracy_fp32": acc32,
-        "accuracy_int8": acc8,
-        "accuracy_change_points": (acc8 - acc32) * 100,
-        "top1_agreement_with_fp32": float((p8.argmax(1) == p32.argmax(1)).mean()),
+        **accuracy_change(p32, p8, labels),
         "images_per_s": speed,
         "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
     }

@@ -39,12 +39,17 @@ import numpy as np
 import torch
 
 from cnnkit.progress import progress
-from cnnkit.version import __version__
 
 from .export import (
     ImagesToProbabilities,
     _model_inputs,
+    _run,
+    _session,
+    accuracy_change,
+    export_metadata,
     export_onnx,
+    images_to_probabilities,
+    installed_version,
     parity,
     refuse_mismatch,
     torch_probabilities,
@@ -93,12 +98,8 @@ def _quiet():
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"{package} {version(package)}"
-    except PackageNotFoundError:
-        return package
+    """'package version', for the record of what converted and checked a file."""
+    return f"{package} {installed_version(package) or '(version unknown)'}"
 
 
 def require(fmt: str) -> None:
@@ -112,44 +113,10 @@ def require(fmt: str) -> None:
         )
 
 
-def _wrapper(run) -> ImagesToProbabilities:
-    model = run.model.to("cpu").eval().to(memory_format=torch.contiguous_format)
-    pre = run.preprocessing
-    return ImagesToProbabilities(model, pre["mean"], pre["std"]).eval()
-
-
-def _metadata(run) -> dict:
-    """What every format carries: the class names, the preprocessing and the provenance."""
-    pre = run.preprocessing
-    return {
-        "classes": run.classes,
-        "preprocessing": {**pre, "layout": "nchw", "input_dtype": "uint8"},
-        "provenance": {
-            "cnnkit": __version__,
-            "torch": str(torch.__version__),
-            "model": run.config.model.name,
-            "data": run.config.data.name,
-            "checkpoint": run.checkpoint_ref,
-        },
-    }
-
-
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return path.stat().st_size
-
-
-def _accuracy_change(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> dict:
-    acc32 = float((fp32.argmax(1) == labels).mean())
-    acc8 = float((int8.argmax(1) == labels).mean())
-    return {
-        "images": len(labels),
-        "accuracy_fp32": acc32,
-        "accuracy_int8": acc8,
-        "accuracy_change_points": (acc8 - acc32) * 100,
-        "top1_agreement_with_fp32": float((int8.argmax(1) == fp32.argmax(1)).mean()),
-    }
 
 
 def export_mobile(
@@ -202,21 +169,12 @@ def _ort_convert(onnx_path: Path, out: Path) -> None:
 
 
 def _ort_predict(path: Path):
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return np.concatenate(
-            [session.run(None, {name: images[i : i + 256]})[0] for i in range(0, len(images), 256)]
-        )
-
-    return predict, session
+    session = _session(path)
+    return (lambda images: _run(session, images)), session
 
 
 def _export_ort(run, path, images, labels, quantize, calibration_images) -> MobileExport:
-    wrapper = _wrapper(run)
+    wrapper = images_to_probabilities(run)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-") as tmp:
         onnx = export_onnx(
             run,
@@ -254,7 +212,7 @@ def _export_ort(run, path, images, labels, quantize, calibration_images) -> Mobi
         predict8, _ = _ort_predict(int8_path)
         result.int8_path = str(int8_path)
         result.int8 = {
-            **_accuracy_change(predict(images), predict8(images), labels),
+            **accuracy_change(predict(images), predict8(images), labels),
             "size_bytes": {"fp32": _size(path), "int8": _size(int8_path)},
         }
     return result
@@ -304,7 +262,10 @@ def _pte_predict(path: Path):
 
 def read_pte_metadata(path: str | Path) -> dict:
     """The class names, preprocessing and provenance inside a cnnkit .pte file."""
-    _, program = _pte_predict(Path(path))
+    return _pte_metadata(_pte_predict(Path(path))[1])
+
+
+def _pte_metadata(program) -> dict:
     raw = program.load_method("cnnkit_metadata").execute([])[0]
     return json.loads(bytes(raw.tolist()).decode())
 
@@ -339,17 +300,17 @@ def _quantized_pte_module(run, wrapper, example, calibration: np.ndarray):
 
 
 def _export_executorch(run, path, images, labels, quantize, calibration_images) -> MobileExport:
-    wrapper = _wrapper(run)
+    wrapper = images_to_probabilities(run)
     c, (h, w) = run.preprocessing["channels"], run.preprocessing["size"]
     example = torch.zeros((PTE_EXAMPLE_BATCH, c, h, w), dtype=torch.uint8)
-    metadata = _metadata(run)
+    metadata = export_metadata(run)
     with progress("lowering to ExecuTorch (XNNPACK)", None, "files"), _quiet():
         path.write_bytes(_pte_program(wrapper, example, metadata))
-    predict, _ = _pte_predict(path)
+    predict, program = _pte_predict(path)
     with progress("checking the .pte file with ExecuTorch's runtime", None, "files"):
         check = parity(predict, wrapper, images)
     refuse_mismatch(path, check, "ExecuTorch")
-    if read_pte_metadata(path)["classes"] != run.classes:
+    if _pte_metadata(program)["classes"] != run.classes:
         raise RuntimeError(f"{path}: the class names did not survive the conversion")
     result = MobileExport(
         str(path),
@@ -377,7 +338,7 @@ def _export_executorch(run, path, images, labels, quantize, calibration_images) 
         # they must agree (a lowering that does not is refused, not shipped).
         lowering = parity(predict8, module, images)
         result.int8 = {
-            **_accuracy_change(predict(images), predict8(images), labels),
+            **accuracy_change(predict(images), predict8(images), labels),
             "vs_quantized_pytorch": lowering,
             "size_bytes": {"fp32": _size(path), "int8": _size(int8_path)},
         }
@@ -426,7 +387,7 @@ def _coreml_model(run, wrapper):
             minimum_deployment_target=ct.target.iOS16,
             compute_precision=ct.precision.FLOAT32,
         )
-    for key, value in _metadata(run).items():
+    for key, value in export_metadata(run).items():
         model.user_defined_metadata[f"cnnkit.{key}"] = json.dumps(value)
     model.short_description = f"{run.config.model.name}: {len(run.classes)} classes (cnnkit)"
     return model
@@ -496,7 +457,7 @@ def _check_coreml(run, path: Path) -> dict:
 
 
 def _export_coreml(run, path, images, labels, quantize, calibration_images) -> MobileExport:
-    wrapper = _wrapper(run)
+    wrapper = images_to_probabilities(run)
     with progress("converting to Core ML (coremltools)", None, "files"):
         model = _coreml_model(run, wrapper)
         if path.exists():

@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cnnkit.deploy.export import export_onnx
+from cnnkit.deploy.export import _session, export_metadata, export_onnx, installed_version
 
 BACKEND = "onnxruntime"
 MODEL_FILE = "model.onnx"
@@ -181,7 +181,8 @@ def check_repository(model_dir: str | Path) -> list[str]:
         raise TritonRepositoryError(f"{config_path} is missing")
     config = _read_config(config_path)
     checks = [
-        f"config.pbtxt parsed into Triton's ModelConfig (tritonclient {_tritonclient_version()})"
+        "config.pbtxt parsed into Triton's ModelConfig (tritonclient "
+        f"{installed_version('tritonclient') or '?'})"
     ]
 
     def fail(message: str):
@@ -196,7 +197,7 @@ def check_repository(model_dir: str | Path) -> list[str]:
         fail(f"the model file {model_path} is missing")
     if config.max_batch_size < 0:
         fail(f"max_batch_size {config.max_batch_size} is negative")
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    session = _session(model_path)
     checks.append(f"{VERSION}/{model_path.name} loads in ONNX Runtime {ort.__version__}")
     batched = config.max_batch_size > 0
 
@@ -252,15 +253,6 @@ def check_repository(model_dir: str | Path) -> list[str]:
     return checks
 
 
-def _tritonclient_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tritonclient")
-    except PackageNotFoundError:
-        return "?"
-
-
 def export_triton(
     run, out: str | Path | None = None, *, name: str | None = None, max_batch_size: int = 64
 ) -> TritonExport:
@@ -288,9 +280,7 @@ def export_triton(
     labels.write_text("".join(f"{c}\n" for c in run.classes), encoding="utf-8")
     params = {
         "cnnkit.classes": json.dumps(run.classes, ensure_ascii=False),
-        "cnnkit.preprocessing": json.dumps(
-            {**pre, "layout": "nchw", "input_dtype": "uint8", "normalised_in_graph": True}
-        ),
+        "cnnkit.preprocessing": json.dumps(export_metadata(run)["preprocessing"]),
     }
     config = model_dir / "config.pbtxt"
     config.write_text(

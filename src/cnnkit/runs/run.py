@@ -39,11 +39,6 @@ class SplitOutputs:
     shown: Callable[[list[int]], tuple[torch.Tensor, list[str]]]
 
 
-def _without_labels(samples: tuple) -> tuple[torch.Tensor, list[str]]:
-    images, _, names = samples
-    return images, names
-
-
 @dataclass(frozen=True)
 class SplitChoice:
     """Which split an evaluation or report uses, why, and how far to trust its numbers."""
@@ -300,16 +295,14 @@ class Run:
         if not outputs:
             raise ValueError(f"the {split} split of {data.name} has no image that decodes")
         # the workers deliver chunks in turn: put the rows back in index order
-        order = torch.cat(positions).argsort()
-        positions_in_order = torch.cat(positions)[order].tolist()
+        positions_in_order, order = torch.cat(positions).sort()
+
+        def shown_streamed(rows: list[int]) -> tuple[torch.Tensor, list[str]]:
+            images, _, names = read_samples(streamed, split, positions_in_order[rows].tolist())
+            return images, names
+
         logits = torch.cat(outputs)[order.to(self.device)]
-        return SplitOutputs(
-            logits,
-            torch.cat(labels)[order].to(self.device),
-            lambda rows: _without_labels(
-                read_samples(streamed, split, [positions_in_order[i] for i in rows])
-            ),
-        )
+        return SplitOutputs(logits, torch.cat(labels)[order].to(self.device), shown_streamed)
 
     def _has_test_split(self, data: DataSplits | None = None) -> bool:
         if data is None and self._trained_sizes and "test" in self._trained_sizes:
