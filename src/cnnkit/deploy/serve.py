@@ -82,7 +82,7 @@ from .uploads import (
     read_uploads,
 )
 from .v2 import add_v2_routes
-from .webapp import webapp_checkpoint, webapp_files
+from .webapp import MEDIA_TYPES, webapp_checkpoint, webapp_files
 
 log = logging.getLogger("cnnkit.serve")
 
@@ -111,17 +111,6 @@ DEVICE_CSP = (
     "worker-src 'self'; manifest-src 'self'; object-src 'none'; base-uri 'none'; "
     "form-action 'none'; frame-ancestors 'none'"
 )
-DEVICE_MEDIA_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".json": "application/json",
-    ".webmanifest": "application/manifest+json",
-    ".wasm": "application/wasm",
-    ".onnx": "application/octet-stream",
-    ".png": "image/png",
-    ".txt": "text/plain; charset=utf-8",
-}
 
 
 # ---------------------------------------------------------------- the model behind the API
@@ -653,7 +642,7 @@ def create_app(
                 return error_json(404, f"no file device/{name}")
             return FileResponse(
                 file,
-                media_type=DEVICE_MEDIA_TYPES.get(file.suffix, "application/octet-stream"),
+                media_type=MEDIA_TYPES.get(file.suffix, "application/octet-stream"),
                 # revalidated every time: the service worker sees a new export at once
                 headers={"Content-Security-Policy": DEVICE_CSP, "Cache-Control": "no-cache"},
             )

@@ -42,6 +42,19 @@ ORT_WEB_FILES = {
 STATIC = Path(__file__).with_name("webapp")  # index.html, app.js, style.css, sw.js
 APP_FILES = ("index.html", "app.js", "style.css")
 CONFIG_FILE = "config.json"
+# How the app's files must be served (a browser refuses a module script or WebAssembly sent
+# as anything else): by cnnkit serve at /device/ and by StaticServer.
+MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".webmanifest": "application/manifest+json",
+    ".wasm": "application/wasm",
+    ".onnx": "application/octet-stream",
+    ".png": "image/png",
+    ".txt": "text/plain; charset=utf-8",
+}
 FORMAT = "cnnkit-webapp/1"
 CACHE_PREFIX = "cnnkit-webapp"
 
@@ -393,12 +406,7 @@ class StaticServer:
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
-            extensions_map = {
-                **http.server.SimpleHTTPRequestHandler.extensions_map,
-                ".wasm": "application/wasm",
-                ".webmanifest": "application/manifest+json",
-                ".js": "text/javascript",
-            }
+            extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MEDIA_TYPES}
 
             def log_message(self, *args):
                 server.requests.append(self.path)
