@@ -44,8 +44,86 @@ def _add_train(sub) -> None:
         "train",
         help="train a model",
         description="Train a model; flags override --config, which overrides "
-        "the defaults. Example: cnnkit train --data mnist --model seed-cnn",
+        "the defaults. Example: cnnkit train --data mnist --model seed-cnn. "
+        "--lr find runs the learning-rate range test first and trains with its suggestion.",
     )
+    _add_settings(p)
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        metavar="N",
+        help="train in N processes on this machine (data-parallel: one per GPU, or CPU "
+        "processes sharing the cores), started through torch's elastic launcher; the "
+        "same as 'torchrun --nproc-per-node N -m cnnkit train ...'",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run --name")
+    p.add_argument("--quiet", action="store_true", help="print only errors and the summary")
+
+
+def _add_lr_find(sub) -> None:
+    p = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test: a plot of loss against learning rate, and a suggestion",
+        description="Train from the model's initial weights for a bounded number of steps "
+        "while the learning rate grows exponentially, then restore the weights. Prints "
+        "'suggested lr: <value>' (the rule: docs/experiments.md). Takes train's data and "
+        "model flags.",
+    )
+    _add_settings(p)
+    p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (1e-7)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (10)")
+    p.add_argument(
+        "--steps", type=_positive_int, default=100, help="steps of the test (default 100)"
+    )
+    p.add_argument("--out", default="lr-find.png", help="the plot (default lr-find.png)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="print only the suggestion")
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="hyperparameter search with Optuna: trials as runs, pruning, a shared study",
+        description="Search a space of settings (--space, default: the tutorial's exercise "
+        "space) with Optuna; every other train flag fixes a setting for all trials. Each "
+        "trial is a run under <runs-dir>/<study>/. Started again with the same --study and "
+        "--storage it continues the study; started on several machines with one database "
+        "URL, the workers share it.",
+    )
+    _add_settings(p)
+    p.add_argument("--space", metavar="YAML", help="search space (default: the shipped one)")
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=20,
+        help="finished trials the study should have, counted over all workers (default 20)",
+    )
+    p.add_argument("--study", metavar="NAME", help="study name (default tune-<data>-<model>)")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna RDB storage (default sqlite:///<runs-dir>/optuna.db); a postgresql:// or "
+        "mysql:// URL lets workers on several machines share the study",
+    )
+    p.add_argument(
+        "--pruner",
+        default="median",
+        choices=["median", "hyperband", "none"],
+        help="stops a trial whose validation accuracy lags after an epoch (default median)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="start no new trial after this many seconds (this worker)",
+    )
+    p.add_argument("--json", action="store_true", help="print the trials as JSON")
+    p.add_argument("--quiet", action="store_true", help="no training output; one line per trial")
+
+
+def _add_settings(p) -> None:
+    """A flag per training setting, plus --config and --set (train, lr-find, tune)."""
     # One flag per setting, documented by the setting itself (config.py). The choices are
     # shown, not enforced here: validating the Config gives the same one-line error for
     # flags, --set and recipes alike.
@@ -67,17 +145,6 @@ def _add_train(sub) -> None:
         default=[],
         help="any setting by dotted name, e.g. --set optim.lr=3e-4 (repeatable)",
     )
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
-    p.add_argument(
-        "--nproc",
-        type=_positive_int,
-        metavar="N",
-        help="train in N processes on this machine (data-parallel: one per GPU, or CPU "
-        "processes sharing the cores), started through torch's elastic launcher; the "
-        "same as 'torchrun --nproc-per-node N -m cnnkit train ...'",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run --name")
-    p.add_argument("--quiet", action="store_true", help="print only errors and the summary")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_lr_find(sub)
+    _add_tune(sub)
 
     p = sub.add_parser("evaluate", help="metrics of a run on its test or validation split")
     p.add_argument("run", help="run directory")
@@ -318,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "train": commands.cmd_train,
+    "lr-find": commands.cmd_lr_find,
+    "tune": commands.cmd_tune,
     "evaluate": commands.cmd_evaluate,
     "report": commands.cmd_report,
     "explain": commands.cmd_explain,

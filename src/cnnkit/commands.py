@@ -53,17 +53,30 @@ def _lost_contact(error: RuntimeError) -> RuntimeError | None:
     )
 
 
-def cmd_train(args) -> int:
-    import cnnkit
-    from cnnkit.config import Config, apply_overrides, load_config
-    from cnnkit.train.loop import TrainingInterrupted
-
+def _settings(args) -> dict:
+    """The settings given as flags and --set KEY=VALUE, as dotted keys."""
     settings = {k: v for k, v in vars(args).items() if "." in k}
     for item in args.set:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
         settings[key.strip()] = value.strip()
+    return settings
+
+
+def _config(args, settings: dict):
+    """The Config of train, lr-find and tune: the defaults, then --config, then the flags."""
+    from cnnkit.config import Config, apply_overrides, load_config
+
+    recipe = load_config(args.config) if args.config else {}
+    return apply_overrides(apply_overrides(Config(), recipe), settings)
+
+
+def cmd_train(args) -> int:
+    import cnnkit
+    from cnnkit.train.loop import TrainingInterrupted
+
+    settings = _settings(args)
     if args.nproc and args.nproc > 1:
         return _launch_workers(args, settings)
     rank = int(os.environ.get("RANK", "0"))
@@ -73,9 +86,12 @@ def cmd_train(args) -> int:
                 raise ValueError("--config cannot be combined with --resume")
             run = cnnkit.resume(args.resume, quiet=args.quiet, **settings)
         else:
-            recipe = load_config(args.config) if args.config else {}
-            cfg = apply_overrides(apply_overrides(Config(), recipe), settings)
-            run = cnnkit.train(cfg, overwrite=args.overwrite, quiet=args.quiet)
+            find = str(settings.get("optim.lr", "")).lower() == "find"
+            if find:  # the range test picks it (train() records the value in config.yaml)
+                settings.pop("optim.lr")
+            cfg = _config(args, settings)
+            lr = {"lr": "find"} if find else {}
+            run = cnnkit.train(cfg, overwrite=args.overwrite, quiet=args.quiet, **lr)
     except RuntimeError as e:
         raise _lost_contact(e) or e from None
     except TrainingInterrupted as e:
@@ -101,6 +117,33 @@ def cmd_train(args) -> int:
         for output in run.stale_outputs():
             print(f"stale  {output.describe()}\n       rebuild: {output.rebuild}")
     return 0
+
+
+def cmd_lr_find(args) -> int:
+    from cnnkit.train.lr_find import lr_find
+
+    result = lr_find(
+        _config(args, _settings(args)),
+        start_lr=args.start_lr,
+        end_lr=args.end_lr,
+        steps=args.steps,
+        plot=args.out,
+        quiet=args.quiet or args.json,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    if not args.quiet:
+        print(result.describe())
+        print(f"plot   {args.out}")
+    print(f"suggested lr: {result.suggestion:.3g}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from cnnkit.tune import run_tune_command
+
+    return run_tune_command(args, _config(args, _settings(args)))
 
 
 def _table(title: str | None, *columns: str, text_columns: int = 1):

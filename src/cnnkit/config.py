@@ -36,6 +36,8 @@ def setting(
 _POSITIVE = (lambda v: v > 0, "must be positive")
 _AT_LEAST_ZERO = (lambda v: v >= 0, "must be >= 0")
 _SHARE = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+# The experiment trackers --log can name (train/tracking.py).
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,22 @@ class RunConfig:
         None, "run directory name under --runs-dir (default <data>-<model>, numbered if taken)"
     )
     runs_dir: str = setting("runs", "parent directory of runs (default runs)")
+    log: str = setting(
+        "none",
+        "experiment trackers to log to: tensorboard, mlflow, or both comma-separated "
+        "(tensorboard,mlflow); none by default",
+        check=(
+            lambda v: set(v.replace(" ", "").split(",")) <= set(TRACKERS),
+            "names no tracker cnnkit knows; use none, tensorboard, mlflow or tensorboard,mlflow",
+        ),
+    )
+    mlflow_uri: str | None = setting(
+        None,
+        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs-dir>/mlflow.db)",
+    )
+    experiment: str | None = setting(
+        None, "MLflow experiment of the run (default: cnnkit, or the tuning study's name)"
+    )
 
 
 @dataclass(frozen=True)

@@ -410,6 +410,9 @@ RESUMABLE_SETTINGS = (
     "train.device",
     "train.patience",
     "finetune.finetune_epochs",
+    "run.log",
+    "run.mlflow_uri",
+    "run.experiment",
 )
 
 
