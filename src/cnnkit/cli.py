@@ -195,7 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("compare", help="runs side by side: config differences and metrics")
-    p.add_argument("runs", nargs="+", help="two or more run directories")
+    p.add_argument("runs", nargs="*", help="two or more run directories")
+    p.add_argument(
+        "--mlflow",
+        metavar="EXPERIMENT",
+        help="compare the runs of this MLflow experiment instead (from the tracking store: "
+        "--mlflow-uri, $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db)",
+    )
+    p.add_argument("--mlflow-uri", metavar="URI", help="the MLflow tracking store to read")
     p.add_argument("--split", default=None, choices=["test", "val"], help="default: test, else val")
     p.add_argument("--out", default="compare.png", help="validation curves PNG")
     p.add_argument("--json", action="store_true")

@@ -217,6 +217,17 @@ def _require_deploy_extras(command: str, *modules: str) -> None:
             ) from None
 
 
+def _require_extra(command: str, module: str, extra: str) -> None:
+    """One line naming the install command when an optional package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"cnnkit {command} needs {module}, which is not installed: "
+            f"pip install 'cnnkit[{extra}]'"
+        )
+
+
 def _check_writable(folder: Path, hint: str) -> None:
     """Fail before any work when nothing can be written in ``folder`` (made if missing).
 
@@ -331,7 +342,17 @@ def cmd_report(args) -> int:
         + ", ".join(v["verdict"] for v in report["diagnosis"])
     )
     print(f"wrote {html_path} and {json_path}")
+    _log_to_mlflow(run.path, [html_path, json_path])
     return 0
+
+
+def _log_to_mlflow(run_dir: Path, files: list[Path], folder: str | None = None) -> None:
+    """Files made after training go to the run's MLflow run too, when it was tracked."""
+    from cnnkit.train.tracking import log_outputs
+
+    line = log_outputs(run_dir, files, folder)
+    if line:
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
 
 
 def cmd_explain(args) -> int:
@@ -359,9 +380,49 @@ def cmd_explain(args) -> int:
     return 1 if failed else 0
 
 
+def _compare_mlflow(args) -> int:
+    from cnnkit.train.tracking import compare_experiment
+
+    if args.runs:
+        raise ValueError("compare takes run directories or --mlflow EXPERIMENT, not both")
+    _require_extra("compare --mlflow", "mlflow", "track")
+    result = compare_experiment(args.mlflow, args.mlflow_uri)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    differing = list(result["differences"])
+    t = _table(
+        f"MLflow experiment '{result['experiment']}' at {result['tracking_uri']} "
+        "(* best by validation accuracy)",
+        "run",
+        "status",
+        *differing,
+        "val acc",
+        "epochs",
+        "train time",
+        text_columns=2 + len(differing),
+    )
+    for i, r in enumerate(result["runs"]):
+        mark = " *" if r["run"] == result["best"] else ""
+        t.add_row(
+            r["run"] + mark,
+            r["status"],
+            *(str(result["differences"][k][i]) for k in differing),
+            f"{r['val_accuracy']:.2%}" if r["val_accuracy"] is not None else "-",
+            str(r["epochs"]),
+            f"{r['training_seconds']:.1f}s",
+        )
+    _console().print(t)
+    return 0
+
+
 def cmd_compare(args) -> int:
     from cnnkit.runs.compare import compare_runs
 
+    if args.mlflow:
+        return _compare_mlflow(args)
+    if len(args.runs) < 2:
+        raise ValueError("compare needs two or more run directories, or --mlflow EXPERIMENT")
     result = compare_runs(args.runs, split=args.split, plot=args.out)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -440,7 +501,10 @@ def cmd_export(args) -> int:
             f"{speed['onnx_fp32']:,}, int8 {speed['onnx_int8']:,}; size "
             f"{q['size_bytes']['fp32'] / 1e6:.2f} -> {q['size_bytes']['int8'] / 1e6:.2f} MB"
         )
-    print(f"details: {Path(result.path).with_suffix('.json')}")
+    details = Path(result.path).with_suffix(".json")
+    print(f"details: {details}")
+    made = [Path(f) for f in (result.path, details, result.int8_path) if f]
+    _log_to_mlflow(run.path, made, "export")
     return 0
 
 

@@ -18,6 +18,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Settings that name or file a run rather than change what it learns.
+NOT_COMPARED = ("run.name", "run.runs_dir", "run.log", "run.mlflow_uri", "run.experiment")
 RANKED_BY = "val_accuracy"
 RANKING_NOTE = (
     "ranked by validation accuracy (the split that chose each run's best.pt); the "
@@ -39,7 +41,7 @@ def compare_runs(
     keys = [
         k
         for k in configs[0]
-        if len({repr(c.get(k)) for c in configs}) > 1 and k not in ("run.name",)
+        if len({repr(c.get(k)) for c in configs}) > 1 and k not in NOT_COMPARED
     ]
     rows, used = [], []
     for run in runs:

@@ -50,6 +50,7 @@ from .autobatch import choose_batch_size
 from .hooks import ConsoleProgress, Hook, MetricsCSV, TextLog
 from .loop import StopOnSignal, TrainState, fit
 from .stages import Stage, backbone_features, plan_stages, prepare_stage
+from .tracking import RunOutputs, Tracker, make_trackers
 
 
 def build_model(cfg: Config, data: DataSplits, checkpoint: Checkpoint | None = None) -> nn.Module:
@@ -130,6 +131,36 @@ def _plan_run(
     stages = plan_stages(cfg, data, model)
     description = describe_run(cfg, data, model, pre)
     return _Plan(cfg, data, model, ctx, description, stages, batch_note, _describe_world(cfg, ctx))
+
+
+def plan_run(cfg: Config, run_dir: Path) -> _Plan:
+    """The plan of a run in this one process, without training it (cnnkit lr-find):
+    ``run_dir`` only holds what planning writes (a folder's split)."""
+    from cnnkit.device import resolve_device
+
+    return _plan_run(cfg, run_dir, None, World(), resolve_device(cfg.train.device))
+
+
+def _find_lr(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> _Plan:
+    """train --lr find: the range test on the run's own initial weights (put back after
+    it), then the plan with its suggestion as the learning rate, in config.yaml too."""
+    from .lr_find import range_test, save_range_test
+
+    if plan.ctx.world.distributed:
+        raise ValueError(
+            "--lr find runs the range test in one process: run 'cnnkit lr-find' with the "
+            "same flags first, then train with --lr <its suggestion> --nproc N"
+        )
+    result = range_test(plan.model, plan.data, plan.cfg, plan.ctx, plan.stages[0])
+    save_range_test(result, run_dir, f"{run_dir.name}: range test")
+    for line in result.describe().splitlines():
+        say(f"lr     {line}")
+    say(f"lr     suggested lr: {result.suggestion:.3g} (plot: {run_dir / 'lr_find.png'})")
+    cfg = apply_overrides(plan.cfg, {"optim.lr": float(f"{result.suggestion:.3g}")})
+    dump_config(cfg, run_dir / CONFIG_FILE)
+    description = {**plan.description, "config": cfg.to_dict()}
+    stages = plan_stages(cfg, plan.data, plan.model)
+    return dataclasses.replace(plan, cfg=cfg, stages=stages, description=description)
 
 
 def _auto_batch_size(
@@ -282,20 +313,21 @@ def _run_training(
     where: tuple[World, torch.device],
     resume: Checkpoint | None = None,
     notes: tuple[str, ...] = (),
+    find_lr: bool = False,
 ) -> Run:
     """Set the run up, print its header, train its stages, summarise; the trained Run.
     ``where``: the world and this process's device (distributed.join). ``notes`` are said
     first (console and train.log). Only rank 0 has hooks (prints and writes)."""
     world, device = where
     text_log = TextLog(run_dir / LOG_FILE) if world.is_main else None
-    all_hooks = []
-    if world.is_main:
-        all_hooks = [ConsoleProgress(quiet=quiet), MetricsCSV(run_dir / METRICS_FILE), text_log]
-        all_hooks += hooks
+    all_hooks, trackers = [], []
 
     def say(text: str) -> None:
         for h in all_hooks:
             h.message(text)
+
+    if world.is_main:  # only the main process prints, writes and logs to trackers
+        all_hooks = [ConsoleProgress(quiet=quiet), MetricsCSV(run_dir / METRICS_FILE), text_log]
 
     # --quiet: no progress bars either (decoding, backbone features); nor on ranks but 0
     quiet_progress = silenced() if quiet or not world.is_main else contextlib.nullcontext()
@@ -304,9 +336,14 @@ def _run_training(
             for note in notes:
                 say(note)
             plan = _plan_run(cfg, run_dir, resume, world, device)
+            if find_lr:
+                plan = _find_lr(plan, run_dir, say)
             new_folder_run = plan.data.files is not None and not (run_dir / SPLIT_FILE).exists()
             if new_folder_run and world.is_main:
                 save_split(plan.data, run_dir / SPLIT_FILE)
+            if world.is_main:  # with the settings as planned (lr found, batch size chosen)
+                trackers = make_trackers(plan.cfg, run_dir, say)
+                all_hooks += trackers + list(hooks)  # the caller's last: it may raise
             _header(plan, run_dir, say)
             if new_folder_run:
                 for finding in quick_check(plan.data):
@@ -316,10 +353,36 @@ def _run_training(
             state = _train_stages(plan, run_dir, all_hooks, say, resume)
             if state is not None:
                 _summarise(state, run_dir, say)
+                _finish_trackers(trackers, run_dir, state)
+    except BaseException as e:
+        for tracker in trackers:
+            tracker.close(_ending(e))
+        raise
     finally:
         if text_log is not None:
             text_log.close()
     return load_run(run_dir, device=str(plan.ctx.device))
+
+
+def _ending(error: BaseException) -> str:
+    """How a run that raised ended, for the trackers: interrupted (Ctrl-C, or a pruned
+    tuning trial, optuna.TrialPruned) or failed."""
+    names = {t.__name__ for t in type(error).__mro__}
+    stopped = {"TrainingInterrupted", "KeyboardInterrupt", "TrialPruned"}
+    return "interrupted" if names & stopped else "failed"
+
+
+def _finish_trackers(trackers: list[Tracker], run_dir: Path, state: TrainState) -> None:
+    """The trackers' last entries: the best epoch, the final plots and files."""
+    if not trackers:
+        return
+    best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    outputs = RunOutputs(run_dir, {"epoch": state.best_epoch, **best_row})
+    try:
+        for tracker in trackers:
+            tracker.on_run_end(outputs)
+    finally:
+        outputs.cleanup()
 
 
 def _summarise(state: TrainState, run_dir: Path, say) -> None:
@@ -361,7 +424,12 @@ def train(
 
     ``settings`` are any config keys, flat or dotted: ``train(data="mnist",
     model="seed-cnn", epochs=5, lr=1e-3)`` or ``train(**{"optim.lr": 1e-3})``.
+    ``lr="find"`` runs the learning-rate range test first and trains with its suggestion.
     """
+    lr_keys = [k for k in settings if resolve_key(k) == "optim.lr"]
+    find_lr = any(str(settings[k]).lower() == "find" for k in lr_keys)
+    if find_lr:  # the range test picks it: lr="find"
+        settings = {k: v for k, v in settings.items() if k not in lr_keys}
     cfg = apply_overrides(config or Config(), settings)
     with distributed.joined(cfg.train.device) as (world, device):
         if distributed.restart_count():  # torchrun restarted the job: resume its run
@@ -371,7 +439,8 @@ def train(
         run_dir, replaced = distributed.on_main(lambda: make_run_dir(cfg, overwrite), world)
         try:
             distributed.on_main(lambda: _start_run_dir(cfg, run_dir, world), world)
-            return _run_training(cfg, run_dir, quiet, list(hooks), (world, device))
+            where = (world, device)
+            return _run_training(cfg, run_dir, quiet, list(hooks), where, find_lr=find_lr)
         except BaseException:  # Ctrl-C during set-up too
             if world.is_main:
                 _remove_unstarted_run(run_dir)

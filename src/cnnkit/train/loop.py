@@ -534,6 +534,8 @@ def fit(
     total_epochs, steps = state.epoch_offset + stage.epochs, setup.steps
     last, label = run_dir / "last.pt", "" if stage.name == "train" else f"{stage.name} "
     info = {"epochs": total_epochs, "steps": steps, "monitor": setup.monitor, "stage": stage.name}
+    if resume is not None:  # the step training continues from, counted over all epochs
+        info["resumed_step"] = (state.epoch_offset + state.epoch) * steps + state.step
     _tell(hooks, "on_train_start", info)
     budget_start = time.perf_counter() - state.elapsed
     stopper = stopper or StopOnSignal(hooks, repeat_aborts=not world.distributed)
