@@ -221,7 +221,6 @@ class TensorBoardTracker(Tracker):
     def _results(self, outputs: RunOutputs) -> None:
         import numpy as np
         from PIL import Image
-
         from torch.utils.tensorboard.summary import hparams
 
         for name, path in outputs.figures().items():
