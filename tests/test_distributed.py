@@ -130,7 +130,8 @@ def small_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("small")
     run(cnnkit_cmd("train", *SMALL), root / "one")
     done = run(
-        [*_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "cnnkit", "train", *SMALL],
+        [*_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "cnnkit", "train", *SMALL]
+        + ["--log", "tensorboard"],  # only rank 0 logs (test_only_rank_0_writes_files)
         root / "torchrun",
     )
     return {
@@ -174,7 +175,10 @@ def test_validation_over_two_ranks_is_exact(small_runs):
 def test_only_rank_0_writes_files(small_runs):
     one, two = small_runs["one"], small_runs["torchrun"]
     assert one.name == two.name == "mnist-conv8-pool-fc32"  # no "-2" made by rank 1
-    assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()} | {ELASTIC_MARKER}
+    expected = {p.name for p in one.iterdir()} | {ELASTIC_MARKER, "tensorboard"}
+    assert {p.name for p in two.iterdir()} == expected
+    # one event file: rank 1 logs nothing (an event file's name holds its process's pid)
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
     for run_dir in (one, two):
         log = (run_dir / "train.log").read_text()
         for epoch in (1, 2):

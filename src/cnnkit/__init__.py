@@ -64,6 +64,13 @@ def resume(path, **kwargs):
     return _resume(path, **kwargs)
 
 
+def lr_find(config=None, **kwargs):
+    """The learning-rate range test; its ``suggestion`` (see cnnkit.train.lr_find)."""
+    from cnnkit.train.lr_find import lr_find as _lr_find
+
+    return _lr_find(config, **kwargs)
+
+
 def load(path, **kwargs):
     """A run directory (or checkpoint) as a Run, or an exported .onnx file as an OnnxModel;
     both have ``predict(images)``."""
@@ -88,6 +95,7 @@ __all__ = [
     "load",
     "load_dataset",
     "load_run",
+    "lr_find",
     "resume",
     "train",
 ]

@@ -7,13 +7,13 @@ The suggestion rule: the middle, on the log scale, of the longest uninterrupted 
 of the smoothed loss ("valley"). Past the middle the loss is close to turning back up;
 before it, training is slower than it need be. The learning rate at the minimum of the
 curve and the steepest point of the descent are reported too; a tenth of the minimum
-(an older rule, fastai's lr_min) is higher, and on the tutorial CNN with Adam it trains
-worse than the valley's value (docs/experiments.md). Limits: the curve is noisy (one
-mini-batch per step), so the suggestion moves from seed to seed by a factor of about 4
-(docs/experiments.md shows the spread); it is a starting point for the first stage of a
-run, made at the run's batch size for a constant schedule. A loss that never fell (too
-few steps, or a start already too high) makes no suggestion worth trusting, and the
-result says so.
+(an older rule, fastai's lr_min) is 3 to 10 times higher on the tutorial CNN with Adam,
+where it trained neither clearly better nor worse (docs/experiments.md). Limits: the
+curve is noisy (one mini-batch per step), so the suggestion moves from seed to seed by a
+factor of about 4 (docs/experiments.md shows the spread); it is a starting point for the
+first stage of a run, made at the run's batch size for a constant schedule. A loss that
+never fell (too few steps, or a start already too high) makes no suggestion worth
+trusting, and the result says so.
 
 Smoothing: an exponential moving average of the loss with bias correction (beta 0.98, as
 fastai). The test stops early when the smoothed loss exceeds four times its minimum.
@@ -90,8 +90,8 @@ def valley(smoothed: list[float]) -> tuple[int, int]:
 
     fastai's "valley" rule takes the longest decreasing subsequence instead; on the
     tutorial CNN that subsequence starts in the flat region before the descent (a curve
-    that falls by a hair at a time) and suggests 1e-4 for Adam, where 1e-3 trains better.
-    An uninterrupted descent starts where the loss really begins to fall."""
+    that falls by a hair at a time) and suggests about 1e-4 for Adam, ten times below the
+    tutorial's 1e-3. An uninterrupted descent starts where the loss really begins to fall."""
     best, i, n = (0, 0), 0, len(smoothed)
     while i < n:
         j = i
