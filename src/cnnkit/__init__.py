@@ -66,7 +66,7 @@ def resume(path, **kwargs):
 
 def lr_find(config=None, **kwargs):
     """The learning-rate range test; its ``suggestion`` (see cnnkit.train.lr_find)."""
-    from cnnkit.train.lr_find import lr_find as _lr_find
+    from cnnkit.train.api import lr_find as _lr_find
 
     return _lr_find(config, **kwargs)
 

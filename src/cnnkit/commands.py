@@ -120,7 +120,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_lr_find(args) -> int:
-    from cnnkit.train.lr_find import lr_find
+    from cnnkit.train.api import lr_find
 
     result = lr_find(
         _config(args, _settings(args)),

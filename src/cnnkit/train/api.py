@@ -49,6 +49,7 @@ from . import distributed
 from .autobatch import choose_batch_size
 from .hooks import ConsoleProgress, Hook, MetricsCSV, TextLog
 from .loop import StopOnSignal, TrainState, fit
+from .lr_find import LRFindResult, plot_range_test, range_test, save_range_test
 from .stages import Stage, backbone_features, plan_stages, prepare_stage
 from .tracking import RunOutputs, Tracker, make_trackers
 
@@ -141,11 +142,42 @@ def plan_run(cfg: Config, run_dir: Path) -> _Plan:
     return _plan_run(cfg, run_dir, None, World(), resolve_device(cfg.train.device))
 
 
+def lr_find(
+    config: Config | None = None,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    steps: int = 100,
+    plot: str | Path | None = "lr-find.png",
+    quiet: bool = False,
+    **settings,
+) -> LRFindResult:
+    """The range test for the run these settings describe (the same data and model as
+    ``cnnkit.train`` would build; nothing is written but ``plot``)."""
+    import tempfile
+
+    cfg = apply_overrides(config or Config(), settings)
+    with tempfile.TemporaryDirectory(prefix="cnnkit-lr-find-") as scratch:
+        plan = plan_run(cfg, Path(scratch))
+        result = range_test(
+            plan.model,
+            plan.data,
+            plan.cfg,
+            plan.ctx,
+            plan.stages[0],
+            start_lr=start_lr,
+            end_lr=end_lr,
+            steps=steps,
+            quiet=quiet,
+        )
+    if plot:
+        plot_range_test(result, plot, f"{cfg.model.name} on {plan.data.name}: range test")
+    return result
+
+
 def _find_lr(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> _Plan:
     """train --lr find: the range test on the run's own initial weights (put back after
     it), then the plan with its suggestion as the learning rate, in config.yaml too."""
-    from .lr_find import range_test, save_range_test
-
     if plan.ctx.world.distributed:
         raise ValueError(
             "--lr find runs the range test in one process: run 'cnnkit lr-find' with the "

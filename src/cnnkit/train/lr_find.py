@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnkit.config import Config, apply_overrides
+from cnnkit.config import Config
 from cnnkit.data import DataSplits
 from cnnkit.device import ExecutionContext
 from cnnkit.progress import progress
@@ -277,38 +277,3 @@ def save_range_test(result: LRFindResult, folder: Path, title: str = "") -> tupl
     record = folder / "lr_find.json"
     record.write_text(json.dumps(result.to_dict(), indent=2))
     return plot, record
-
-
-def lr_find(
-    config: Config | None = None,
-    *,
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
-    steps: int = 100,
-    plot: str | Path | None = "lr-find.png",
-    quiet: bool = False,
-    **settings,
-) -> LRFindResult:
-    """The range test for the run these settings describe (the same data and model as
-    ``cnnkit.train`` would build; nothing is written but ``plot``)."""
-    import tempfile
-
-    from .api import plan_run
-
-    cfg = apply_overrides(config or Config(), settings)
-    with tempfile.TemporaryDirectory(prefix="cnnkit-lr-find-") as scratch:
-        plan = plan_run(cfg, Path(scratch))
-        result = range_test(
-            plan.model,
-            plan.data,
-            plan.cfg,
-            plan.ctx,
-            plan.stages[0],
-            start_lr=start_lr,
-            end_lr=end_lr,
-            steps=steps,
-            quiet=quiet,
-        )
-    if plot:
-        plot_range_test(result, plot, f"{cfg.model.name} on {plan.data.name}: range test")
-    return result
