@@ -54,3 +54,9 @@ def test_planted_errors_among_good_predictions_are_ranked_first():
     assert abs(issues.estimated_errors - 150) < 40
     right = issues.suggested[np.isin(issues.indices, flipped)]
     assert (right == truth[issues.indices[np.isin(issues.indices, flipped)]]).mean() > 0.85
+
+
+def test_both_methods_list_the_same_number_of_images():
+    a = find_label_issues(LABELS, PROBS, "self_confidence")
+    b = find_label_issues(LABELS, PROBS, "prune_by_noise_rate")
+    assert len(a) == len(b) == 1 and a.suggested.tolist() == b.suggested.tolist() == [1]

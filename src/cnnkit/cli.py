@@ -122,6 +122,32 @@ def _add_tune(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no training output; one line per trial")
 
 
+def _add_audit_options(p, prefix: str = "") -> None:
+    p.add_argument(
+        "--model",
+        help=f"{prefix}the model that cross-validates (default: seed-cnn from scratch for "
+        "built-in sets; efficientnet_lite0's ImageNet features for folders of photos)",
+    )
+    p.add_argument(
+        "--pretrained", action="store_true", help=f"{prefix}use --model's ImageNet features"
+    )
+    p.add_argument("--folds", type=_positive_int, default=5, help=f"{prefix}folds (default 5)")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help=f"{prefix}epochs per fold from scratch (default 3); L-BFGS steps on features (100)",
+    )
+    p.add_argument("--limit", type=_positive_int, help=f"{prefix}a stratified subset of N images")
+    p.add_argument(
+        "--method",
+        default="self_confidence",
+        choices=["self_confidence", "prune_by_noise_rate"],
+        help=f"{prefix}which images confident learning lists (default self_confidence)",
+    )
+    p.add_argument("--top", type=_positive_int, default=20, help=f"{prefix}rows shown (20)")
+    p.add_argument("--audit-out", metavar="DIR", help=f"{prefix}folder of audit.csv/json/html")
+
+
 def _add_settings(p) -> None:
     """A flag per training setting, plus --config and --set (train, lr-find, tune)."""
     # One flag per setting, documented by the setting itself (config.py). The choices are
@@ -308,12 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="built-in data sets; check a folder of your own; pack one into shards",
         description="list: the built-in data sets and where they are found. "
         "info NAME: shapes, classes, counts. check PATH: the data-set doctor "
-        "(unreadable files, imbalance, duplicates across splits, ...). "
+        "(unreadable files, imbalance, duplicates across splits, ...). audit DATA: likely "
+        "label errors, by cross-validation and confident learning "
         "pack SRC OUT: write a built-in set, folder or CSV list as WebDataset tar shards "
         "(train-000000.tar, ..., and index.json) for data bigger than memory; the split is "
         "made once, as training makes it, and unreadable files are reported and left out.",
     )
-    p.add_argument("action", nargs="?", default="list", choices=["list", "info", "check", "pack"])
+    p.add_argument(
+        "action", nargs="?", default="list", choices=["list", "info", "check", "pack", "audit"]
+    )
     p.add_argument("name", nargs="?", help="data set name (info), folder / CSV (check), SRC (pack)")
     p.add_argument("out", nargs="?", metavar="OUT", help="pack: the folder to write shards to")
     p.add_argument("--data-dir", help="directory searched first")
@@ -324,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pack: the most bytes per shard: 500MB, 1GB, 200000000 (default 256MB)",
     )
     p.add_argument("--max-count", type=int, help="pack: the most images per shard")
+    _add_audit_options(p, "audit: ")
     p.add_argument(
         "--max-side",
         type=int,
@@ -387,6 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="clear without asking")
     p.add_argument("--json", action="store_true", help="list: as JSON")
 
+    p = sub.add_parser(
+        "audit",
+        help="likely label errors in a run's data (cross-validation + confident learning)",
+        description="Audit the labels of the data a run was trained on, with the run's "
+        "model settings: out-of-sample probabilities by k-fold cross-validation, then "
+        "confident learning. Writes <run>/audit/audit.csv, audit.json and audit.html.",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--json", action="store_true", help="print the audit as JSON")
+    _add_audit_options(p)
+
     p = sub.add_parser("models", help="models you can train, with parameter counts")
     p.add_argument("--spec-help", action="store_true", help="explain the layer-spec grammar")
     return parser
@@ -404,6 +445,7 @@ COMMANDS = {
     "serve": commands.cmd_serve,
     "predict": commands.cmd_predict,
     "datasets": commands.cmd_datasets,
+    "audit": commands.cmd_audit,
     "bench": commands.cmd_bench,
     "models": commands.cmd_models,
     "cache": commands.cmd_cache,

@@ -754,6 +754,15 @@ def cmd_datasets(args) -> int:
         return 0
     if args.action == "pack":
         return _pack(args, con)
+    if args.action == "audit":
+        from cnnkit.config import Config, apply_overrides
+
+        if not args.name:
+            raise ValueError("usage: cnnkit datasets audit DATA (a built-in name, folder or CSV)")
+        settings = {"data": args.name, "data_dir": args.data_dir}
+        cfg = apply_overrides(Config(), {k: v for k, v in settings.items() if v is not None})
+        out = args.audit_out or f"audit-{Path(args.name).name}"
+        return _audit(args, cfg, Path(out))
     if not args.name:
         raise ValueError(
             f"usage: cnnkit datasets {args.action} {'NAME' if args.action == 'info' else 'PATH'}"
@@ -853,6 +862,66 @@ def _check(args, con) -> int:
     if not report.findings:
         con.print("no problems found")
     return 1 if report.errors else 0
+
+
+def cmd_audit(args) -> int:
+    from cnnkit.config import Config
+    from cnnkit.runs.checkpoint import read_checkpoint
+
+    run_dir = Path(args.run)
+    found = [run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{run_dir} holds no best.pt or last.pt: not a trained run")
+    cfg = Config.from_dict(read_checkpoint(found[0]).config)
+    return _audit(args, cfg, Path(args.audit_out or run_dir / "audit"))
+
+
+def _audit(args, cfg, out: Path) -> int:
+    """datasets audit and audit RUN: run it, write the files, show the top rows."""
+    from cnnkit.config import apply_overrides
+    from cnnkit.train.audit import audit, write_audit
+
+    overrides = {}
+    if args.model:
+        overrides["model.name"] = args.model
+    if args.pretrained:
+        overrides["model.pretrained"] = True
+    cfg = apply_overrides(cfg, overrides)
+    result = audit(
+        cfg, folds=args.folds, epochs=args.epochs, limit=args.limit, method=args.method
+    )
+    files = write_audit(result, out)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    con = _console()
+    con.print(
+        f"{result.data}: {len(result.labels):,} images; {result.method}; cross-validated "
+        f"accuracy {result.cv_accuracy:.2%}; {len(result.issues):,} likely label errors "
+        f"({result.seconds:.0f}s)"
+    )
+    t = _table(
+        f"most suspicious first (top {min(args.top, len(result.issues))})",
+        "rank",
+        "file",
+        "given",
+        "suggested",
+        "p(given)",
+        "p(suggested)",
+        text_columns=4,
+    )
+    for r in result.rows(args.top):
+        t.add_row(
+            str(r["rank"]),
+            r["name"],
+            r["given"],
+            r["suggested"],
+            f"{r['given_probability']:.3f}",
+            f"{r['suggested_probability']:.3f}",
+        )
+    con.print(t)
+    print(f"wrote {files['csv']} (edit, then train --relabel / --exclude), {files['html']}")
+    return 0
 
 
 def cmd_bench(args) -> int:

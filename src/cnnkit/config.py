@@ -77,6 +77,14 @@ class DataConfig:
         "datasets pack) always streams; a folder is packed to shards in the cache first "
         "(chosen by itself when its decoded images would not fit the disk)",
     )
+    relabel: str | None = setting(
+        None,
+        "a CSV of label corrections (columns file, label; audit.csv from 'cnnkit datasets "
+        "audit'): those images train with that class",
+    )
+    exclude: str | None = setting(
+        None, "a CSV whose file column lists images to leave out (e.g. an edited audit.csv)"
+    )
     image_size: int | None = setting(
         None,
         "model input size for folder data sets (default: the backbone's; from scratch, "

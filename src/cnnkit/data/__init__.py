@@ -17,6 +17,7 @@ from .builtin import (
     read_cifar,
     read_idx,
 )
+from .corrections import apply_to_builtin
 from .folder import list_images, load_folder
 from .memory import (
     DataSplits,
@@ -56,12 +57,14 @@ def load_dataset(
     val_split: float = 0.1,
     seed: int = 0,
     limit: int | None = None,
+    corrections=None,
 ) -> DataSplits:
     """Load a built-in data set into memory with a stratified, seeded validation split.
 
     The validation images come out of the official training set; the official test set is
     kept whole and is never used for model selection. ``limit`` keeps a stratified subset of
     exactly that many training images (all of them if there are fewer; for quick experiments).
+    ``corrections``: labels changed and images left out first (data/corrections.py).
     """
     if name not in BUILTINS and not _is_builtin_alias(name):
         if not Path(name).exists():
@@ -72,13 +75,18 @@ def load_dataset(
         raise ValueError(f"'{name}' is a folder or file: load it with load_folder()")
     raw = load_builtin(name, data_dir)
     spec = builtin(name)
+    train_images, train_labels = raw.train_images, raw.train_labels
+    notes = []
+    if corrections is not None:  # --relabel / --exclude, before the split
+        keep, train_labels = apply_to_builtin(corrections, train_labels, raw.classes, name)
+        train_images = train_images[keep]
+        notes.append(corrections.describe())
     train = ImageTensors(
-        torch.from_numpy(raw.train_images.copy()), torch.from_numpy(raw.train_labels.copy())
+        torch.from_numpy(train_images.copy()), torch.from_numpy(train_labels.copy())
     )
     test = ImageTensors(
         torch.from_numpy(raw.test_images.copy()), torch.from_numpy(raw.test_labels.copy())
     )
-    notes = []
     val = None
     if val_split > 0:
         keep, take = stratified_split(train.labels, val_split, seed)

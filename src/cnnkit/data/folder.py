@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import errno
 import hashlib
 import io
@@ -53,6 +54,7 @@ import torch
 from cnnkit.progress import progress
 
 from .builtin import data_roots, user_cache_dir
+from .corrections import apply_to_files
 from .decode import GRAYSCALE_MODES, ImageReadError, image_header, open_image, resize_and_crop
 from .memory import DataSplits, ImageTensors, channel_stats, stratified_split, stratified_subset
 
@@ -675,13 +677,15 @@ def load_folder(
     limit: int | None = None,
     split_file: str | Path | None = None,
     channels: int | None = None,
+    corrections=None,
 ):
     """Load a folder or CSV data set into memory (see the module docstring).
 
     ``image_size`` and ``channels``: the model input; each one not given is inferred from
     the images (``choose_input``: grayscale images give 1 channel, small ones a smaller
     size), with a note saying what was chosen. ``split_file``: a run's split.json, to get
-    exactly the files that run used.
+    exactly the files that run used (with their labels). ``corrections``: labels changed
+    and files left out before the split (data/corrections.py).
     """
     notes: list[str] = []
     if split_file is not None:
@@ -698,6 +702,10 @@ def load_folder(
         if empty:
             raise ValueError(empty)
         root, classes = listing.root, listing.classes
+        if corrections is not None:  # --relabel / --exclude, before the split
+            fixed = apply_to_files(corrections, listing.splits, root, classes)
+            listing = dataclasses.replace(listing, splits=fixed)
+            notes.append(corrections.describe())
         splits = plan_splits(listing, val_split, test_split, seed, notes)
         if listing.ignored:
             examples = ", ".join(

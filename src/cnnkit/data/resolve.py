@@ -13,6 +13,7 @@ from cnnkit.models.weights import Preprocessing, preprocessing_for
 
 from . import is_builtin, load_dataset
 from .builtin import user_cache_dir
+from .corrections import read_corrections
 from .folder import (
     FOLDER_IMAGE_SIZE,
     DecodedWontFit,
@@ -51,13 +52,24 @@ def load_data(
     checkpoint's, to reload exactly the data a run was trained on.
     """
     d = cfg.data
+    corrections = read_corrections(d.relabel, d.exclude)
+    if corrections is not None and (is_shard_set(d.name) or d.stream):
+        raise ValueError(
+            "--relabel / --exclude apply to a built-in set, folder or CSV list loaded into "
+            "memory; for shards, correct the folder and pack it again"
+        )
     if is_shard_set(d.name):
         return _load_shards(cfg, d.name, pre, preprocessing)
     if d.stream and not is_builtin(d.name):
         return _stream_folder(cfg, pre, preprocessing, "--stream")
     if is_builtin(d.name):
         data = load_dataset(
-            d.name, data_dir=d.data_dir, val_split=d.val_split, seed=cfg.train.seed, limit=d.limit
+            d.name,
+            data_dir=d.data_dir,
+            val_split=d.val_split,
+            seed=cfg.train.seed,
+            limit=d.limit,
+            corrections=corrections,
         )
     else:
         # The size and channels a run was trained at, a backbone's own (3 channels), or,
@@ -71,7 +83,7 @@ def load_data(
         else:
             size, crop_pct, channels = d.image_size, 1.0, None
         try:
-            data = _load_folder(cfg, size, channels, crop_pct, split_file)
+            data = _load_folder(cfg, size, channels, crop_pct, split_file, corrections)
         except DecodedWontFit as e:
             return _stream_folder(cfg, pre, preprocessing, str(e))
     if preprocessing is not None:
@@ -81,7 +93,7 @@ def load_data(
     return data
 
 
-def _load_folder(cfg: Config, size, channels, crop_pct, split_file) -> DataSplits:
+def _load_folder(cfg: Config, size, channels, crop_pct, split_file, corrections) -> DataSplits:
     d = cfg.data
     return load_folder(
         d.name,
@@ -93,6 +105,7 @@ def _load_folder(cfg: Config, size, channels, crop_pct, split_file) -> DataSplit
         seed=cfg.train.seed,
         limit=d.limit,
         split_file=split_file if split_file and split_file.exists() else None,
+        corrections=corrections,
     )
 
 

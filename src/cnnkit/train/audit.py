@@ -71,6 +71,7 @@ class AuditResult:
     issues: LabelIssues
     seconds: float
     root: str | None = None
+    images: torch.Tensor | None = None  # uint8 (N, C, H, W), for the page
 
     @property
     def cv_accuracy(self) -> float:
@@ -81,10 +82,9 @@ class AuditResult:
         """The flagged images, most suspicious first."""
         issues, out = self.issues, []
         for rank, i in enumerate(issues.indices[:limit]):
-            at = rank if limit is None else rank
             out.append(
                 {
-                    "rank": at + 1,
+                    "rank": rank + 1,
                     "index": int(i),
                     "name": self.names[i],
                     "given": self.classes[issues.given[rank]],
@@ -135,7 +135,9 @@ def load_audit_data(cfg: Config, limit: int | None = None) -> AuditData:
             "set cannot be audited (audit the folder it was packed from)"
         )
     parts = [splits.train] + ([splits.val] if splits.val is not None else [])
-    names = list(splits.files["train"]) + (list(splits.files["val"]) if splits.val else [])
+    # split files are [path under the root, label] pairs
+    pairs = list(splits.files["train"]) + (list(splits.files["val"]) if splits.val else [])
+    names = [path for path, _ in pairs]
     images = ImageTensors(
         torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts])
     )
@@ -164,6 +166,7 @@ def audit(
     epochs: int | None = None,
     limit: int | None = None,
     labels: torch.Tensor | None = None,
+    method: str = "self_confidence",
     quiet: bool = False,
     **settings,
 ) -> AuditResult:
@@ -191,21 +194,22 @@ def audit(
     device = resolve_device(cfg.train.device)
     fold_of = stratified_folds(data.images.labels, folds, cfg.train.seed)
     if cfg.model.pretrained:
-        probs, method = _features_probs(cfg, data, fold_of, folds, device, epochs, quiet)
+        probs, how = _features_probs(cfg, data, fold_of, folds, device, epochs, quiet)
     else:
-        probs, method = _scratch_probs(cfg, data, fold_of, folds, device, epochs, quiet)
+        probs, how = _scratch_probs(cfg, data, fold_of, folds, device, epochs, quiet)
     given = data.images.labels.numpy()
     return AuditResult(
         data=data.name,
         classes=data.classes,
-        method=method,
+        method=how,
         folds=folds,
         names=data.names,
         labels=given,
         probs=probs,
-        issues=find_label_issues(given, probs),
+        issues=find_label_issues(given, probs, method),
         seconds=time.perf_counter() - t0,
         root=data.root,
+        images=data.images.images,
     )
 
 
@@ -249,13 +253,13 @@ def _features_probs(cfg, data: AuditData, fold_of, folds, device, epochs, quiet)
     labels = data.images.labels
     probs = np.zeros((len(labels), len(data.classes)))
     steps = epochs or 100
-    with progress("audit folds", folds, unit="folds", quiet=quiet) as advance:
+    with progress("audit: cross-validation", len(labels), quiet=quiet) as advance:
         for f in range(folds):
             held = fold_of == f
             head = _logistic_regression(features[~held], labels[~held], len(data.classes), steps)
             with torch.no_grad():
                 probs[held.numpy()] = torch.softmax(head(features[held]), 1).numpy()
-            advance(1)
+            advance(int(held.sum()))
     return probs, f"{cfg.model.name} (ImageNet) features + logistic regression, {folds} folds"
 
 
@@ -301,7 +305,7 @@ def _scratch_probs(cfg, data: AuditData, fold_of, folds, device, epochs, quiet):
     normalizer = Normalizer(data.splits.mean, data.splits.std, device)
     with (
         tempfile.TemporaryDirectory(prefix="cnnkit-audit-") as scratch,
-        progress("audit folds", folds, unit="folds", quiet=quiet) as advance,
+        progress("audit: cross-validation", len(labels), quiet=quiet) as advance,
     ):
         for f in range(folds):
             held = fold_of == f
@@ -313,5 +317,35 @@ def _scratch_probs(cfg, data: AuditData, fold_of, folds, device, epochs, quiet):
             fit(model, part, cfg, ctx=ctx, run_dir=Path(scratch), description={}, stage=stage)
             logits = batched_logits(model, data.images.images[held].to(device), normalizer, ctx)
             probs[held.numpy()] = torch.softmax(logits.float(), 1).cpu().numpy()
-            advance(1)
+            advance(int(held.sum()))
     return probs, f"{cfg.model.name} trained from scratch, {epochs} epochs, {folds} folds"
+
+
+AUDIT_COLUMNS = ["file", "label", "given", "given_probability", "suggested_probability"]
+
+
+def write_audit(result: AuditResult, folder: str | Path, gallery: int = 60) -> dict[str, Path]:
+    """audit.csv (editable, for train --relabel / --exclude), audit.json and audit.html."""
+    import csv
+    import json
+
+    from cnnkit.evaluate.audit_page import image_uri, render_audit_html
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = result.rows()
+    paths = {"csv": folder / "audit.csv", "json": folder / "audit.json"}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(AUDIT_COLUMNS)
+        for r in rows:  # 'label' starts as the suggestion: the value --relabel trains with
+            writer.writerow(
+                [r["name"], r["suggested"], r["given"], r["given_probability"]]
+                + [r["suggested_probability"]]
+            )
+    summary = result.to_dict()
+    paths["json"].write_text(json.dumps(summary, indent=2))
+    cards = [(r, image_uri(result.images[r["index"]])) for r in rows[:gallery]]
+    paths["html"] = folder / "audit.html"
+    paths["html"].write_text(render_audit_html(summary, cards))
+    return paths
