@@ -204,6 +204,12 @@ class TrainConfig:
         "shuffle or balanced (every class drawn equally often)",
         choices=("shuffle", "balanced"),
     )
+    calibrate: str = setting(
+        "temperature",
+        "after training, fit a temperature on the validation split and fold it into best.pt "
+        "so its probabilities are calibrated (temperature), or leave them as trained (none)",
+        choices=("temperature", "none"),
+    )
     sync_bn: bool = setting(
         False,
         "several processes: BatchNorm statistics over the whole global batch "

@@ -54,6 +54,11 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
     probs = outputs.logits.softmax(1)
     metrics = classification_report(outputs.logits, labels, run.classes, split)
     calib = calibration(probs.cpu(), labels.cpu())
+    if run.calibration and run.calibration.get("applied"):  # the model before scaling
+        t = run.calibration["temperature"]
+        raw = calibration((outputs.logits * t).softmax(1).cpu(), labels.cpu())
+        calib["temperature"] = t
+        calib["uncalibrated"] = raw
     layer = last_conv_layer(run.model)
     entries, images = _galleries(run, outputs.shown, labels, probs, gallery, layer)
     title = f"{data.name} {split} split ({len(labels):,} images)"
@@ -133,6 +138,12 @@ def _plots(
         )
     )
     plots["reliability"] = _png(lambda f: plot_reliability(calib["bins"], calib["ece"], title, f))
+    if "uncalibrated" in calib:
+        raw = calib["uncalibrated"]
+        before = f"{title}, before temperature scaling"
+        plots["reliability_before"] = _png(
+            lambda f: plot_reliability(raw["bins"], raw["ece"], before, f)
+        )
     return plots
 
 

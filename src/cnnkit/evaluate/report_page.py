@@ -40,7 +40,7 @@ def render_html(report: dict, images: dict) -> str:
         _curves_and_diagnosis_sections(report["diagnosis"], images),
         _metrics_section(report["metrics"], report["split"]),
         _confusion_section(report["most_confused"], images),
-        _calibration_section(report["calibration"]["ece"], images),
+        _calibration_section(report["calibration"], images),
         *(_gallery_section(gallery, report, images) for gallery in GALLERIES),
         "</body></html>",
     ]
@@ -174,14 +174,28 @@ def _confusion_section(most_confused: list[dict], images: dict) -> str:
     )
 
 
-def _calibration_section(ece: float, images: dict) -> str:
-    """The expected calibration error and the reliability diagram."""
+def _calibration_section(calib: dict, images: dict) -> str:
+    """The expected calibration error and the reliability diagram; with temperature
+    scaling, both before and after it."""
+    ece = calib["ece"]
+    scaled = ""
+    plots = f"<img class='plot' alt='reliability diagram' src='{images['reliability']}'>"
+    if "uncalibrated" in calib:
+        before = calib["uncalibrated"]["ece"]
+        scaled = (
+            f" The probabilities are temperature-scaled (T = {calib['temperature']:.3f}, "
+            f"fitted on the validation split): before scaling the ECE here was "
+            f"<b data-metric='ece_uncalibrated' data-value='{before}'>{before:.4f}</b>."
+        )
+        plots = (
+            f"<img class='plot' alt='reliability before scaling' "
+            f"src='{images['reliability_before']}'> " + plots
+        )
     return (
         "<section id='calibration'><h2>Calibration</h2><p>Expected calibration error "
         f"<b data-metric='ece' data-value='{ece}'>{ece:.4f}</b>: on average the "
-        "confidence differs from the accuracy by this much (0 is perfect).</p>"
-        f"<img class='plot' alt='reliability diagram' src='{images['reliability']}'>"
-        "</section>"
+        f"confidence differs from the accuracy by this much (0 is perfect).{scaled}</p>"
+        f"{plots}</section>"
     )
 
 

@@ -288,6 +288,7 @@ class Checkpoint:
     metrics: dict | None = None  # the metrics.csv row of the epoch these weights are from
     data: dict | None = None  # split sizes when trained: {name, root, train, val, test}
     weights_sha256: str | None = None  # None in files written before checksums
+    calibration: dict | None = None  # temperature scaling folded in (runs/calibrate.py)
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -322,6 +323,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         metrics=ckpt.get("metrics"),
         data=ckpt.get("data"),
         weights_sha256=ckpt.get("weights_sha256"),
+        calibration=ckpt.get("calibration"),
     )
 
 

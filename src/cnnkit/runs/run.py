@@ -181,6 +181,8 @@ class Run:
         self._trained_sizes: dict | None = checkpoint.data
         self.config = Config.from_dict(checkpoint.config)
         self.classes: list[str] = checkpoint.classes
+        # temperature scaling folded into the weights, with ECE before and after (or None)
+        self.calibration: dict | None = checkpoint.calibration
         self.preprocessing: dict = checkpoint.preprocessing
         model = checkpoint.build_model()
         # How inference runs, decided once (serving calls logits for every batch).

@@ -32,6 +32,7 @@ from cnnkit.data.resolve import load_data, weights_preprocessing
 from cnnkit.device import ExecutionContext, World
 from cnnkit.models import create_model
 from cnnkit.progress import silenced
+from cnnkit.runs.calibrate import calibrate_run
 from cnnkit.runs.checkpoint import Checkpoint, describe_run, read_checkpoint
 from cnnkit.runs.directory import (
     CONFIG_FILE,
@@ -385,6 +386,8 @@ def _run_training(
             state = _train_stages(plan, run_dir, all_hooks, say, resume)
             if state is not None:
                 _summarise(state, run_dir, say)
+                if plan.cfg.train.calibrate == "temperature":
+                    distributed.on_main(lambda: _calibrate(run_dir, quiet, say), world)
                 _finish_trackers(trackers, run_dir, state)
     except BaseException as e:
         for tracker in trackers:
@@ -394,6 +397,28 @@ def _run_training(
         if text_log is not None:
             text_log.close()
     return load_run(run_dir, device=str(plan.ctx.device))
+
+
+def _calibrate(run_dir: Path, quiet: bool, say: Callable[[str], None]) -> None:
+    """Temperature scaling of best.pt on the validation split (runs/calibrate.py)."""
+    record = calibrate_run(run_dir, quiet=quiet)
+    if record is None:
+        say("calib  no validation split: probabilities left as trained (not calibrated)")
+        return
+    if "ece_if_applied" in record:  # fitted, but it would have made the ECE worse
+        say(
+            f"calib  a temperature of {record['fitted_temperature']:.3f} (fitted on "
+            f"{record['images']:,} validation images) would raise the ECE there from "
+            f"{record['ece_before']:.4f} to {record['ece_if_applied']:.4f}: best.pt left as "
+            "it was"
+        )
+        return
+    say(
+        f"calib  temperature {record['temperature']:.3f} fitted on {record['images']:,} "
+        f"validation images and folded into best.pt: ECE {record['ece_before']:.4f} -> "
+        f"{record['ece_after']:.4f}, NLL {record['nll_before']:.4f} -> "
+        f"{record['nll_after']:.4f} (--calibrate none to leave them as trained)"
+    )
 
 
 def _ending(error: BaseException) -> str:
@@ -514,6 +539,7 @@ RESUMABLE_SETTINGS = (
     "run.log",
     "run.mlflow_uri",
     "run.experiment",
+    "train.calibrate",
 )
 
 
