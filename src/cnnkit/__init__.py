@@ -50,6 +50,18 @@ def __dir__() -> list[str]:
 importlib.import_module("cnnkit.train")
 
 
+# The same for cnnkit.tune, the module (light: it imports neither torch nor optuna) and the
+# function.
+importlib.import_module("cnnkit.tune")
+
+
+def tune(config=None, **kwargs):
+    """Hyperparameter search with Optuna; returns a TuneResult (see cnnkit.tune.tune)."""
+    from cnnkit.tune import tune as _tune
+
+    return _tune(config, **kwargs)
+
+
 def train(config=None, **kwargs):
     """Train a model and return its Run (see cnnkit.train.api.train for the settings)."""
     from cnnkit.train.api import train as _train
@@ -98,4 +110,5 @@ __all__ = [
     "lr_find",
     "resume",
     "train",
+    "tune",
 ]
