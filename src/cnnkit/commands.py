@@ -887,9 +887,7 @@ def _audit(args, cfg, out: Path) -> int:
     if args.pretrained:
         overrides["model.pretrained"] = True
     cfg = apply_overrides(cfg, overrides)
-    result = audit(
-        cfg, folds=args.folds, epochs=args.epochs, limit=args.limit, method=args.method
-    )
+    result = audit(cfg, folds=args.folds, epochs=args.epochs, limit=args.limit, method=args.method)
     files = write_audit(result, out)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
