@@ -131,7 +131,9 @@ def small_runs(tmp_path_factory):
     run(cnnkit_cmd("train", *SMALL), root / "one")
     done = run(
         [*_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "cnnkit", "train", *SMALL]
-        + ["--log", "tensorboard"],  # only rank 0 logs (test_only_rank_0_writes_files)
+        # only rank 0 logs (test_only_rank_0_writes_files); as --set, since torchrun's own
+        # parser takes --log for an abbreviation of its --log-dir (docs/distributed.md)
+        + ["--set", "run.log=tensorboard"],
         root / "torchrun",
     )
     return {
