@@ -200,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time augmentation (shifts, and flips if training used them); "
         "prints the gain over plain evaluation",
     )
+    p.add_argument(
+        "--ood",
+        metavar="DATA",
+        help="out-of-distribution check: a built-in set or folder of images of none of the "
+        "run's classes; prints AUROC and FPR at 95%% TPR of each score against the split "
+        "(saved as eval-ood-<name>.json)",
+    )
+    p.add_argument(
+        "--ood-limit", type=_positive_int, metavar="N", help="--ood: a random N of its images"
+    )
 
     p = sub.add_parser(
         "report",

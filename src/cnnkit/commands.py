@@ -261,6 +261,8 @@ def cmd_evaluate(args) -> int:
         "evaluate saves eval-<split>.json, confusion_matrix.png and curves.png in the run; "
         "copy the run somewhere writable",
     )
+    if args.ood:
+        return _evaluate_ood(run, args)
     choice = run.choose_split(args.split)  # None: test if the run has one, else val
     _say_rebuilding(run, f"eval-{choice.split}.json", sys.stderr)  # stdout: --json
     report = run.evaluate(split=args.split)  # None again: the saved reason is the same one
@@ -322,6 +324,34 @@ def cmd_evaluate(args) -> int:
         f"saved {run.path / f'eval-{report.split}.json'}, "
         f"{run.path / 'confusion_matrix.png'}, {run.path / 'curves.png'}"
     )
+    return 0
+
+
+def _evaluate_ood(run, args) -> int:
+    """evaluate --ood DATA: each score's separation of the run's split from DATA."""
+    from cnnkit.runs.ood import evaluate_ood
+
+    result = evaluate_ood(run, args.ood, split=args.split, limit=args.ood_limit)
+    name = Path(args.ood).name or "ood"
+    (run.path / f"eval-ood-{name}.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    inside, outside = result["in_distribution"], result["out_of_distribution"]
+    t = _table(
+        f"{inside['data']} {inside['split']} ({inside['images']:,} images) against "
+        f"{outside['data']} ({outside['images']:,}); threshold keeps 95% of the first",
+        "score",
+        "AUROC",
+        "FPR at 95% TPR",
+        "out-of-distribution rejected",
+    )
+    for score, m in result["scores"].items():
+        t.add_row(
+            score, f"{m['auroc']:.4f}", f"{m['fpr_at_95_tpr']:.2%}", f"{m['out_rejected']:.2%}"
+        )
+    _console().print(t)
+    print(f"wrote {run.path / f'eval-ood-{name}.json'}")
     return 0
 
 
