@@ -132,7 +132,7 @@ def test_serve_flags_reach_the_service_and_absent_ones_keep_its_defaults(monkeyp
     import cnnkit.commands as commands
     from cnnkit.cli import build_parser
 
-    monkeypatch.setattr(commands, "_require_deploy_extras", lambda *a: None)
+    monkeypatch.setattr(commands.deployment, "_require_deploy_extras", lambda *a: None)
     seen = {}
     import cnnkit.deploy.serve as serve_module
 

@@ -1,4 +1,4 @@
-"""The ``cnnkit`` command: argument parsing; each command's work is in commands.py."""
+"""The ``cnnkit`` command: argument parsing; each command's work is in commands/."""
 
 from __future__ import annotations
 

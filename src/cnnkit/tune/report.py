@@ -122,7 +122,7 @@ def _print_table(result: Any) -> None:
 
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(highlight=False, soft_wrap=True, width=10_000)  # as commands.py
+        console = Console(highlight=False, soft_wrap=True, width=10_000)  # as commands/common.py
     table = Table(title=f"study {result.study}")
     for column in _COLUMNS:
         table.add_column(column, justify="right" if column in ("val acc", "seconds") else "left")
