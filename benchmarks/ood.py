@@ -2,7 +2,8 @@
 and EfficientNet-Lite0 fine-tuned on cats vs dogs against MNIST digits and Fashion-MNIST
 items made into RGB photos. For each score (max softmax, energy): AUROC, and at the
 threshold that keeps 95% of the run's own test (or validation) images, the share of the
-other images accepted and rejected. One JSON line per pair.
+other images accepted and rejected; and the share of each set that the run's stored
+threshold (fitted on validation) answers "unknown". One JSON line per pair.
 
     python benchmarks/ood.py [--limit 5000]
 """
@@ -65,6 +66,12 @@ def main() -> None:
                     "scores": {
                         name: {k: round(v, 4) for k, v in m.items()}
                         for name, m in result["scores"].items()
+                    },
+                    # the threshold stored in the run, fitted on its validation split: the
+                    # share of each set that predict/serve/exports answer "unknown"
+                    "stored_rule": {
+                        k: round(v, 4) if isinstance(v, float) else v
+                        for k, v in result.get("stored_rule", {}).items()
                     },
                     "cpu": cpu,
                 }

@@ -51,6 +51,10 @@ def test_mnist_against_fashion_mnist(tiny_run, fashion_dir, capsys):
     energy = result["scores"]["energy"]
     assert energy["auroc"] > 0.85  # measured 0.96 after 3 epochs (docs/trust.md)
     assert energy["in_accepted"] == pytest.approx(0.95, abs=0.01)
+    stored = result["stored_rule"]  # the run's own threshold, fitted on validation
+    assert stored["threshold"] == tiny_run.rejection["threshold"]
+    assert stored["in_rejected"] == pytest.approx(0.05, abs=0.02)
+    assert stored["out_rejected"] > 0.25
     assert (tiny_run.path / "eval-ood-fashion-mnist.json").is_file()
 
 

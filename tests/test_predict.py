@@ -93,7 +93,10 @@ def test_cli_predict_json_and_exit_code(tiny_run, digits, tmp_path, capsys):
 def test_evaluate_uses_the_same_validation_split_as_training(tiny_run):
     report = tiny_run.evaluate(split="val", save=False)
     last_row = tiny_run.history[-1]
-    assert report.accuracy == pytest.approx(last_row["val_acc"], abs=1e-6)
+    # The temperature folded into best.pt after training changes no prediction in exact
+    # arithmetic; under bf16 autocast (CPUs with native bf16) a near-tie can round the other
+    # way: one image at most.
+    assert report.accuracy == pytest.approx(last_row["val_acc"], abs=1.5 / report.num_images)
     # 10% of each class, rounded per class, from the official per-class training counts
     train_counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     expected = sum(round(0.1 * n) for n in train_counts)

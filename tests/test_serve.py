@@ -24,24 +24,28 @@ from fastapi.testclient import TestClient  # noqa: E402
 import cnnkit.deploy.guard as guard  # noqa: E402
 import cnnkit.deploy.serve as serve  # noqa: E402
 import cnnkit.deploy.uploads as uploads  # noqa: E402
+from cnnkit.runs.reject import Rejection  # noqa: E402
 
 # Swagger UI's files for an offline /docs come with the fastapi-offline package.
 HAS_OFFLINE_DOCS = importlib.util.find_spec("fastapi_offline") is not None
 
 
-class StubPredictor:
-    """Three classes on 8x8 grey images; the brighter the image, the more 'bright'."""
+class StubPredictor(serve.Predictor):
+    """Three classes on 8x8 grey images; the brighter the image, the more 'bright'. Mid-grey
+    images, where all three are about equally likely, are below its "unknown" threshold
+    (top probability under 0.5) unless ``reject`` is False."""
 
-    def __init__(self, path, backend="auto"):
+    def __init__(self, path, backend="auto", reject=True):
         self.classes = ["dark", "mid", "bright"]
         self.preprocessing = {"channels": 1, "size": [8, 8]}
         self.can_explain = False
         self.path = Path(path)  # the model's name in the inference protocol: "stub"
+        self.rejection = Rejection("max_softmax", 0.5) if reject else None
 
-    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+    def outputs(self, images: torch.Tensor) -> tuple[np.ndarray, None]:
         m = images.float().mean(dim=(1, 2, 3)) / 255
         logits = torch.stack([1 - m, torch.full_like(m, 0.5), m], dim=1) * 10
-        return torch.softmax(logits, dim=1).numpy()
+        return torch.softmax(logits, dim=1).numpy(), None
 
     def describe(self) -> dict:
         return {"backend": "stub", "classes": self.classes}
@@ -81,6 +85,23 @@ def test_top_k_and_label(client):
     r = client.post("/v1/predict", content=png(0), headers={"content-type": "image/png"})
     assert r.json()["predictions"][0]["file"] == "body"
     assert len(r.json()["predictions"][0]["top"]) == 3  # the default k=5 capped at the classes
+
+
+def test_an_image_below_the_threshold_is_unknown_with_its_score(monkeypatch):
+    monkeypatch.setattr(serve, "Predictor", StubPredictor)
+    for reject in (True, False):
+        app = serve.create_app("stub", max_wait_ms=1, reject=reject)
+        with TestClient(app) as c:
+            r = c.post("/v1/predict", files=files(("grey.png", png(128)), ("w.png", png(255))))
+        grey, white = r.json()["predictions"]
+        assert grey["label"] == ("unknown" if reject else grey["top"][0]["class"])
+        assert grey["top"][0]["probability"] < 0.5 and white["label"] == "bright"
+        if reject:
+            assert grey["unknown"] is True and white["unknown"] is False
+            assert grey["ood"]["score"] == "max_softmax" and grey["ood"]["threshold"] == 0.5
+            assert grey["ood"]["value"] == pytest.approx(grey["top"][0]["probability"])
+        else:
+            assert "unknown" not in grey and "ood" not in grey
 
 
 def test_each_file_gets_its_own_status(client):
@@ -438,8 +459,8 @@ def test_security_headers_head_docs_and_favicon(client):
 
 
 class ExplainingStub(StubPredictor):
-    def __init__(self, path, backend="auto"):
-        super().__init__(path, backend)
+    def __init__(self, path, backend="auto", reject=True):
+        super().__init__(path, backend, reject)
         self.can_explain = True
 
     def explain_png(self, image):

@@ -1,5 +1,6 @@
 """``cnnkit export --format triton``: the model repository, checked without a Triton server."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -59,14 +60,19 @@ def test_layout_and_config_match_the_onnx_file(tiny_run, exported):
         for d, a in zip(declared, actual, strict=True):
             assert dtype(d.data_type) == ORT_TO_TRITON[a.type]
             assert isinstance(a.shape[0], str)  # dynamic batch dimension
-            assert list(d.dims) == list(a.shape[1:])
-    (images,), (probabilities,) = config.input, config.output
+            # one value per image: Triton's dims [1], the model's own shape [] (reshape)
+            shape = list(d.reshape.shape) if d.HasField("reshape") else list(d.dims)
+            assert shape == list(a.shape[1:])
+    (images,), (probabilities, score) = config.input, config.output
     assert images.name == "images" and dtype(images.data_type) == "TYPE_UINT8"
     c, (h, w) = tiny_run.preprocessing["channels"], tiny_run.preprocessing["size"]
     assert list(images.dims) == [c, h, w]
     assert probabilities.name == "probabilities" and dtype(probabilities.data_type) == "TYPE_FP32"
     assert list(probabilities.dims) == [len(tiny_run.classes)]
     assert probabilities.label_filename == "labels.txt"
+    assert score.name == "ood_score" and list(score.dims) == [1]
+    rule = json.loads(config.parameters["cnnkit.rejection"].string_value)
+    assert rule["score"] == "energy" and rule["threshold"] == tiny_run.rejection["threshold"]
     labels = (tmp / "labels.txt").read_text(encoding="utf-8").splitlines()
     assert labels == list(tiny_run.classes)
     assert "cnnkit.preprocessing" in config.parameters

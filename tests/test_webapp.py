@@ -1,6 +1,7 @@
 """``cnnkit export --format webapp``: the browser app, offline, against PyTorch; the runtime
 it vendors from npm; and ``cnnkit serve``'s /device/."""
 
+import copy
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from cnnkit.cli import main
@@ -49,15 +51,27 @@ def app_dir(tiny_run, ort_web) -> Path:
 
 @pytest.fixture(scope="module")
 def digit_files(tmp_path_factory, tiny_run) -> list[tuple[Path, str, float]]:
-    """MNIST test digits as PNG files, with PyTorch's top-1 label and its probability."""
+    """MNIST test digits as PNG files, with PyTorch's answer (a class, or "unknown") and its
+    top probability; the last is the digit of the first 500 least like the training ones,
+    well below the run's "unknown" threshold."""
     data = load_dataset("mnist", val_split=0).test
     folder = tmp_path_factory.mktemp("digits")
-    images = [Image.fromarray(data.images[i, 0].numpy()) for i in range(DIGITS)]
+    _, energy = tiny_run.outputs(data.images[:500])
+    odd = int(energy.argmin())
+    assert float(energy[odd]) < tiny_run.rejection["threshold"] - 0.5  # not a near-tie
+    rows = [*range(DIGITS), odd]
+    batch = data.images[rows]
+    with torch.no_grad():  # in float32, as the browser computes (no bf16 autocast)
+        logits = tiny_run.model(tiny_run.normalizer(batch.to(tiny_run.device))).float().cpu()
+    probs, energy = logits.softmax(1), torch.logsumexp(logits, 1)
+    threshold = tiny_run.rejection["threshold"]
     out = []
-    for i, (im, p) in enumerate(zip(images, tiny_run.predict(images), strict=True)):
+    for i, row in enumerate(rows):
         path = folder / f"digit-{i}.png"
-        im.save(path)
-        out.append((path, p.label, p.top[0][1]))
+        Image.fromarray(data.images[row, 0].numpy()).save(path)
+        unknown = float(energy[i]) < threshold
+        label = "unknown" if unknown else tiny_run.classes[int(probs[i].argmax())]
+        out.append((path, label, float(probs[i].max())))
     return out
 
 
@@ -96,7 +110,11 @@ def test_webapp_offline_in_chromium_matches_pytorch(browser, app_dir, digit_file
         "dtype": "uint8",
         "shape": ["batch", 1, 28, 28],
         "output": "probabilities",
+        "outputs": ["probabilities", "ood_score"],
     }
+    assert config["rejection"]["score"] == "energy"
+    assert config["rejection"]["threshold"] == tiny_run.rejection["threshold"]
+    assert digit_files[-1][1] == "unknown"
     assert config["classes"] == tiny_run.classes and config["parity"]["top1_agreement"] == 1.0
     files = sorted(p.relative_to(app_dir).as_posix() for p in app_dir.rglob("*") if p.is_file())
     sw = (app_dir / "sw.js").read_text()
@@ -285,7 +303,9 @@ def test_cats_vs_dogs_photos_in_chromium(browser, cats_run, cats_dogs_dir, ort_w
     from playwright.sync_api import expect
 
     out = tmp_path / "webapp"
-    webapp.export_webapp(cats_run, out, ort_web=ort_web, check_images=64)
+    plain = copy.copy(cats_run)  # the classes only: no "unknown" rule, whose threshold a
+    plain.rejection = None  # photo resampled a little differently could cross
+    webapp.export_webapp(plain, out, ort_web=ort_web, check_images=64)
     photos = [
         p
         for kind in ("cats", "dogs")
@@ -335,6 +355,12 @@ def test_serve_device_page_classifies_in_chromium(browser, tiny_run, app_dir, di
         problems: list[str] = []
         page.on("console", lambda m: m.type == "error" and problems.append(m.text))
         page.goto(f"http://127.0.0.1:{port}/")
+        # the server's own page: the digit below the threshold is answered "unknown"
+        odd, _, _ = digit_files[-1]
+        page.set_input_files("#file", str(odd))
+        expect(page.locator("#label")).to_have_text("unknown", timeout=20_000)
+        expect(page.locator("#unknown")).to_contain_text("energy score")
+        assert page.locator("#bars .bar").count() == 5  # its best guesses still shown
         page.click("#device-link")
         expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=30_000)
         assert page.url == f"http://127.0.0.1:{port}/device/"

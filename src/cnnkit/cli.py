@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quantize", choices=["int8"], help="also write a static int8 model")
     p.add_argument("--weights", default="best", choices=["best", "last"])
+    p.add_argument(
+        "--reject",
+        default="on",
+        choices=["on", "off"],
+        help="on (default): the file carries the run's 'unknown' threshold (ONNX: and an "
+        "'ood_score' output); off: without them",
+    )
 
     p = sub.add_parser("serve", help="REST API and web page for a run or an ONNX file")
     p.add_argument("model", help="run directory or exported .onnx file")
@@ -319,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="server processes sharing the port, each with the model loaded once (default 1)",
     )
+    p.add_argument(
+        "--reject",
+        default="on",
+        choices=["on", "off"],
+        help="on (default): images below the model's out-of-distribution threshold are "
+        "answered 'unknown'; off: always the most probable class",
+    )
 
     p = sub.add_parser("predict", help="classify image files with a trained run or ONNX file")
     p.add_argument("run", help="run directory, checkpoint .pt, or exported .onnx")
@@ -338,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument(
+        "--reject",
+        default="on",
+        choices=["on", "off"],
+        help="on (default): images below the run's out-of-distribution threshold are "
+        "answered 'unknown'; off: always the most probable class",
+    )
 
     p = sub.add_parser(
         "datasets",

@@ -10,7 +10,6 @@ from .common import _check_writable, _log_to_mlflow, _require_deploy_extras
 
 
 def cmd_export(args) -> int:
-    import cnnkit
 
     _require_deploy_extras("export", "onnx", "onnxruntime", "onnxscript")
     if args.format == "webapp":
@@ -21,7 +20,7 @@ def cmd_export(args) -> int:
         return _export_mobile(args)
     from cnnkit.deploy.export import export_onnx
 
-    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    run = _load_for_export(args)
     out = Path(args.out) if args.out else run.path / "model.onnx"
     _check_writable(out.parent, "choose a writable place with --out FILE.onnx")
     result = export_onnx(run, out, layout=args.layout, quantize=args.quantize)
@@ -48,6 +47,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _load_for_export(args):
+    """The run to export; ``--reject off``: without its "unknown" rule (no ``ood_score``
+    output, no threshold in the file)."""
+    import cnnkit
+
+    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    if args.reject == "off":
+        run.rejection = None
+    return run
+
+
 def _parity_line(check: dict, runtime: str = "") -> str:
     """How an exported file compared with PyTorch, in one line."""
     return (
@@ -59,13 +69,12 @@ def _parity_line(check: dict, runtime: str = "") -> str:
 
 def _export_mobile(args) -> int:
     """``cnnkit export RUN --format ort|executorch|coreml``: a file for a phone's runtime."""
-    import cnnkit
     from cnnkit.deploy.mobile import FORMATS, export_mobile, require
 
     if args.layout != "nchw":
         raise ValueError(f"--layout is for --format onnx; --format {args.format} takes NCHW")
     require(args.format)  # before loading anything: a missing converter fails at once
-    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    run = _load_for_export(args)
     out = Path(args.out) if args.out else run.path / f"model{FORMATS[args.format]}"
     _check_writable(out.parent, f"choose a writable place with --out FILE{FORMATS[args.format]}")
     result = export_mobile(run, args.format, out, quantize=args.quantize)
@@ -96,7 +105,6 @@ def _export_mobile(args) -> int:
 
 def _export_triton(args) -> int:
     """``cnnkit export RUN --format triton``: an NVIDIA Triton model repository folder."""
-    import cnnkit
     from cnnkit.deploy.triton import export_triton, require
 
     if args.quantize:
@@ -104,7 +112,7 @@ def _export_triton(args) -> int:
     if args.layout != "nchw":
         raise ValueError("--layout is for --format onnx; the Triton repository takes NCHW")
     require()  # before loading anything: a missing tritonclient fails at once
-    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    run = _load_for_export(args)
     out = Path(args.out) if args.out else run.path / "triton"
     _check_writable(out, "choose a writable place with --out DIR")
     result = export_triton(run, out)
@@ -126,14 +134,13 @@ def _export_triton(args) -> int:
 
 def _export_webapp(args) -> int:
     """``cnnkit export RUN --format webapp``: the browser app folder."""
-    import cnnkit
     from cnnkit.deploy.webapp import check_output, ensure_ort_web, export_webapp
 
     if args.quantize:
         raise ValueError("--quantize is for --format onnx; the web app runs the fp32 model")
     if args.layout != "nchw":
         raise ValueError("--layout is for --format onnx; the web app feeds the model NCHW")
-    run = cnnkit.load_run(args.run, weights=args.weights, device="cpu")
+    run = _load_for_export(args)
     out = Path(args.out) if args.out else run.path / "webapp"
     _check_writable(out.parent, "choose a writable place with --out DIR")
     check_output(out)  # not a folder of other files
@@ -174,6 +181,7 @@ def cmd_serve(args) -> int:
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_pixels=args.max_pixels,
         workers=args.workers,
+        reject=args.reject == "on",
         **{  # only what was given: the service keeps its own defaults for the rest
             name: value
             for name, value in (
@@ -216,7 +224,8 @@ PREDICT_CHUNK = 256
 
 def _write_predictions(path: Path, document: dict, top_k: int) -> None:
     """``document`` (as --json prints it) as JSON, or as CSV: a row per image with its
-    ``top_k`` classes and probabilities, most likely first, or its error."""
+    ``top_k`` classes and probabilities, most likely first, or its error; with an "unknown"
+    rule, the answer (a class or "unknown") and the out-of-distribution score too."""
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps(document, indent=2) + "\n")
         return
@@ -224,16 +233,31 @@ def _write_predictions(path: Path, document: dict, top_k: int) -> None:
 
     ranks = range(1, top_k + 1)
     header = ["file", *(f"{kind}_{i}" for i in ranks for kind in ("class", "probability"))]
+    scored = any("ood" in p for p in document["predictions"])
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow([*header, "error"])
+        writer.writerow([*header, *(["answer", "ood_score"] if scored else []), "error"])
         for prediction in document["predictions"]:
             cells = [prediction["source"]]
             for i in ranks:
                 top = prediction.get("top", [])
                 ranked = top[i - 1] if i <= len(top) else None
                 cells += [ranked["class"], f"{ranked['probability']:.6f}"] if ranked else ["", ""]
+            if scored:
+                ood = prediction.get("ood")
+                cells += [prediction.get("label", ""), f"{ood['value']:.6f}" if ood else ""]
             writer.writerow([*cells, prediction.get("error", "")])
+
+
+def _answer(prediction) -> str:
+    """The predicted class, or "unknown" with the score that fell below the threshold."""
+    if not prediction.unknown:
+        return prediction.label
+    rule = prediction.rule
+    return (
+        f"unknown ({rule['score']} {prediction.ood_score:.3f} < threshold "
+        f"{rule['threshold']:.3f}; --reject off to answer anyway)"
+    )
 
 
 def cmd_predict(args) -> int:
@@ -248,9 +272,10 @@ def cmd_predict(args) -> int:
     if Path(args.run).suffix == ".onnx":
         _require_deploy_extras("predict", "onnx", "onnxruntime")
     run = cnnkit.load(args.run, weights=args.weights, device=args.device)  # run or .onnx
+    reject = args.reject == "on"
     results = []
     for start in range(0, len(files), PREDICT_CHUNK):
-        chunk = run.predict(files[start : start + PREDICT_CHUNK], top_k=args.top_k)
+        chunk = run.predict(files[start : start + PREDICT_CHUNK], top_k=args.top_k, reject=reject)
         results += chunk
         if args.json:
             continue
@@ -259,7 +284,7 @@ def cmd_predict(args) -> int:
                 print(f"error: {r.error}", file=sys.stderr)
             elif output is None:
                 top = ", ".join(f"{c} {p:.1%}" for c, p in r.top)
-                print(f"{r.source}: {r.label}  ({top})")
+                print(f"{r.source}: {_answer(r)}  ({top})")
     failed = [r for r in results if r.error]
     document = {"run": str(run.path), "predictions": [r.to_dict() for r in results]}
     if args.json:

@@ -117,6 +117,13 @@ def _evaluate_ood(run, args) -> int:
             score, f"{m['auroc']:.4f}", f"{m['fpr_at_95_tpr']:.2%}", f"{m['out_rejected']:.2%}"
         )
     _console().print(t)
+    if "stored_rule" in result:
+        r = result["stored_rule"]
+        print(
+            f"the run's threshold ({r['score']} {r['threshold']:.3f}, fitted on validation) "
+            f"answers 'unknown' for {r['out_rejected']:.2%} of {outside['data']} and "
+            f"{r['in_rejected']:.2%} of {inside['data']} {inside['split']}"
+        )
     print(f"wrote {run.path / f'eval-ood-{name}.json'}")
     return 0
 
@@ -163,7 +170,8 @@ def cmd_explain(args) -> int:
         used.add(name)
         target = out / f"{name}-gradcam.png"
         viewable(image).save(target)
-        print(f"{pred.source}: {pred.label} {pred.top[0][1]:.1%} -> {target}")
+        unknown = " (unknown: below the out-of-distribution threshold)" if pred.unknown else ""
+        print(f"{pred.source}: {pred.top[0][0]} {pred.top[0][1]:.1%}{unknown} -> {target}")
     return 1 if failed else 0
 
 

@@ -24,10 +24,12 @@ from torch import nn
 from cnnkit.data.augment import center_crop
 from cnnkit.data.stream import read_samples
 from cnnkit.progress import progress
+from cnnkit.runs.reject import SCORE_OUTPUT
 from cnnkit.version import __version__
 
 MAX_PROBABILITY_DIFFERENCE = 1e-4  # fp32 ONNX Runtime vs PyTorch: rounding only
 MIN_TOP1_AGREEMENT = 0.999
+MAX_SCORE_DIFFERENCE = 1e-4  # the energy score, relative: fp32 rounding only
 METADATA_PREFIX = "cnnkit."
 
 
@@ -36,12 +38,16 @@ class ExportMismatchError(RuntimeError):
 
 
 class ImagesToProbabilities(nn.Module):
-    """uint8 images -> probabilities, with the run's normalisation inside the graph."""
+    """uint8 images -> probabilities, with the run's normalisation inside the graph.
 
-    def __init__(self, model: nn.Module, mean, std, layout: str = "nchw"):
+    ``score``: also return the energy score (logsumexp of the logits) of each image, the
+    out-of-distribution score the "unknown" rule thresholds (runs/reject.py)."""
+
+    def __init__(self, model: nn.Module, mean, std, layout: str = "nchw", score: bool = False):
         super().__init__()
         self.model = model
         self.layout = layout
+        self.score = score
         c = len(mean)
         self.register_buffer("scale", (1 / (255 * torch.tensor(std))).view(1, c, 1, 1))
         self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, c, 1, 1))
@@ -50,7 +56,10 @@ class ImagesToProbabilities(nn.Module):
         x = images.float()
         if self.layout == "nhwc":
             x = x.permute(0, 3, 1, 2)
-        return self.model(x * self.scale - self.shift).softmax(1)
+        logits = self.model(x * self.scale - self.shift)
+        if self.score:
+            return logits.softmax(1), torch.logsumexp(logits, 1)
+        return logits.softmax(1)
 
 
 @dataclass
@@ -143,11 +152,30 @@ def parity(predict, wrapper: nn.Module, images: np.ndarray, layout: str = "nchw"
     }
 
 
-def torch_probabilities(wrapper: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
+def torch_outputs(wrapper: nn.Module, images: np.ndarray, batch: int = 256) -> list[np.ndarray]:
+    """Each of the wrapper's outputs (probabilities; with ``score``, the energy too)."""
+    parts = []
     with torch.no_grad():
-        return torch.cat(
-            [wrapper(torch.from_numpy(images[i : i + batch])) for i in range(0, len(images), batch)]
-        ).numpy()
+        for i in range(0, len(images), batch):
+            out = wrapper(torch.from_numpy(images[i : i + batch]))
+            parts.append(out if isinstance(out, tuple) else (out,))
+    return [torch.cat(column).numpy() for column in zip(*parts, strict=True)]
+
+
+def torch_probabilities(wrapper: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    return torch_outputs(wrapper, images, batch)[0]
+
+
+def score_difference(session, wrapper: nn.Module, images: np.ndarray, layout: str) -> float:
+    """The largest difference between the ONNX file's ``ood_score`` and PyTorch's energy,
+    relative to the score's size (at least 1)."""
+    x = _to_layout(images, layout)
+    name = session.get_inputs()[0].name
+    exported = np.concatenate(
+        [session.run(None, {name: x[i : i + 256]})[1] for i in range(0, len(x), 256)]
+    )
+    reference = torch_outputs(wrapper, x)[1]
+    return float((np.abs(exported - reference) / np.maximum(1, np.abs(reference))).max())
 
 
 def agrees(check: dict) -> bool:
@@ -155,6 +183,7 @@ def agrees(check: dict) -> bool:
     return (
         check["max_probability_difference"] <= MAX_PROBABILITY_DIFFERENCE
         and check["top1_agreement"] >= MIN_TOP1_AGREEMENT
+        and check.get("max_score_difference", 0) <= MAX_SCORE_DIFFERENCE
     )
 
 
@@ -167,8 +196,15 @@ def refuse_mismatch(path: Path, check: dict, what: str) -> None:
     raise ExportMismatchError(
         f"the {what} export disagrees with the model on {check['images']} validation "
         f"images: top-1 agreement {check['top1_agreement']:.4%}, largest probability "
-        f"difference {check['max_probability_difference']:.2e} (bounds "
-        f"{MIN_TOP1_AGREEMENT:.1%}, {MAX_PROBABILITY_DIFFERENCE:.0e}). The file was kept as "
+        f"difference {check['max_probability_difference']:.2e}"
+        + (
+            f", largest ood_score difference {check['max_score_difference']:.2e}"
+            if "max_score_difference" in check
+            else ""
+        )
+        + f" (bounds {MIN_TOP1_AGREEMENT:.1%}, {MAX_PROBABILITY_DIFFERENCE:.0e}"
+        + (f", {MAX_SCORE_DIFFERENCE:.0e}" if "max_score_difference" in check else "")
+        + "). The file was kept as "
         f"{rejected} for inspection."
     )
 
@@ -219,17 +255,41 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
         prepared.unlink(missing_ok=True)
 
 
-def images_to_probabilities(run, layout: str = "nchw") -> ImagesToProbabilities:
+def images_to_probabilities(
+    run, layout: str = "nchw", score: bool = False
+) -> ImagesToProbabilities:
     """The run's model on the CPU behind its normalisation: what every export converts."""
     model = run.model.to("cpu").eval().to(memory_format=torch.contiguous_format)
     pre = run.preprocessing
-    return ImagesToProbabilities(model, pre["mean"], pre["std"], layout).eval()
+    return ImagesToProbabilities(model, pre["mean"], pre["std"], layout, score).eval()
 
 
-def export_metadata(run, layout: str = "nchw") -> dict:
-    """What every exported file carries: the class names, the preprocessing of its uint8
-    input and the provenance (the checkpoint it was made from)."""
+def export_rejection(run, score_output: bool, reject: bool = True) -> dict | None:
+    """The run's "unknown" rule as an exported file carries it: the energy rule where the
+    file has the ``ood_score`` output, else the max-softmax rule fitted beside it (a file
+    whose only output is the probabilities); None without a rule or with ``reject`` off."""
+    from cnnkit.runs.reject import Rejection
+
+    if not reject or not run.rejection:
+        return None
+    record = run.rejection
+    rule = Rejection.from_record(record, None if score_output else "max_softmax")
     return {
+        **rule.to_dict(),
+        "output": SCORE_OUTPUT if rule.score == "energy" else "probabilities",
+        "acceptance": record["acceptance"],
+        "fitted_on": record["fitted_on"],
+        "images": record["images"],
+        "thresholds": record["thresholds"],
+    }
+
+
+def export_metadata(
+    run, layout: str = "nchw", score_output: bool = False, reject: bool = True
+) -> dict:
+    """What every exported file carries: the class names, the preprocessing of its uint8
+    input, the provenance (the checkpoint it was made from) and the "unknown" rule."""
+    meta = {
         "classes": run.classes,
         "preprocessing": {
             **run.preprocessing,
@@ -248,6 +308,10 @@ def export_metadata(run, layout: str = "nchw") -> dict:
             "checkpoint": run.checkpoint_ref,  # file, epoch, date, weights' checksum
         },
     }
+    rejection = export_rejection(run, score_output, reject)
+    if rejection:
+        meta["rejection"] = rejection
+    return meta
 
 
 def accuracy_change(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> dict:
@@ -281,8 +345,12 @@ def export_onnx(
     quantize: str | None = None,
     calibration_images: int = 512,
     check_images: int | None = 2000,
+    reject: bool = True,
 ) -> ExportResult:
-    """Export a run to ONNX, verify it against PyTorch, optionally quantize to int8."""
+    """Export a run to ONNX, verify it against PyTorch, optionally quantize to int8.
+
+    With the run's "unknown" rule (and ``reject``), the graph has a second output,
+    ``ood_score`` (the energy of each image), and the metadata carries the threshold."""
     import warnings
 
     if layout not in ("nchw", "nhwc"):
@@ -290,7 +358,9 @@ def export_onnx(
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be int8, got '{quantize}'")
     path = Path(path) if path else run.path / "model.onnx"
-    wrapper = images_to_probabilities(run, layout)
+    scored = bool(reject and run.rejection)
+    wrapper = images_to_probabilities(run, layout, score=scored)
+    outputs = ["probabilities", SCORE_OUTPUT] if scored else ["probabilities"]
     pre = run.preprocessing
     c, (h, w) = pre["channels"], pre["size"]
     dummy = torch.zeros((1, c, h, w) if layout == "nchw" else (1, h, w, c), dtype=torch.uint8)
@@ -301,18 +371,20 @@ def export_onnx(
             (dummy,),
             str(path),
             input_names=["images"],
-            output_names=["probabilities"],
+            output_names=outputs,
             opset_version=17,
             dynamo=False,
-            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+            dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
         )
-    metadata = export_metadata(run, layout)
+    metadata = export_metadata(run, layout, score_output=scored, reject=reject)
     write_metadata(path, metadata)
 
     val_images, val_labels = _model_inputs(run, "val", check_images)
     with progress("checking ONNX Runtime against PyTorch", None, "files"):
         session = _session(path)
         check = parity(lambda x: _run(session, x), wrapper, val_images, layout)
+        if scored:
+            check["max_score_difference"] = score_difference(session, wrapper, val_images, layout)
     result = ExportResult(str(path), layout, check)
     if quantize == "int8" and agrees(check):
         result.int8_path = str(path.with_name(path.stem + "-int8.onnx"))

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cnnkit.runs.inference import Prediction, predict_images
+from cnnkit.runs.reject import SCORE_OUTPUT, Rejection
 
 from .export import NotAnOnnxFileError, read_metadata
 
@@ -58,16 +59,30 @@ class OnnxModel:
                 "export it again with 'cnnkit export'"
             ) from None
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        # files exported with the "unknown" rule: (probabilities, ood_score)
+        self.has_score = SCORE_OUTPUT in outputs
+        self.rejection: dict | None = meta.get("rejection")
 
     def __repr__(self) -> str:
         return f"OnnxModel('{self.path}', {len(self.classes)} classes)"
 
-    def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        """Class probabilities of uint8 images (N, C, H, W) at the model's input size."""
+    def outputs(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(class probabilities, energy score or None) of uint8 images (N, C, H, W) at the
+        model's input size."""
         x = images.cpu().numpy()
         if self.preprocessing.get("layout") == "nhwc":
             x = x.transpose(0, 2, 3, 1)
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x)})[0]
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
+        return out[0], out[1] if self.has_score else None
 
-    def predict(self, images, top_k: int = 5) -> list[Prediction]:
-        return predict_images(images, self.preprocessing, self.classes, self.probabilities, top_k)
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """Class probabilities of uint8 images (N, C, H, W) at the model's input size."""
+        return self.outputs(images)[0]
+
+    def predict(self, images, top_k: int = 5, reject: bool = True) -> list[Prediction]:
+        """As ``Run.predict``: with the file's "unknown" rule unless ``reject`` is False."""
+        rule = Rejection.from_record(self.rejection) if reject else None
+        return predict_images(
+            images, self.preprocessing, self.classes, self.outputs, top_k, rejection=rule
+        )

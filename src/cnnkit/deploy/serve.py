@@ -43,7 +43,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,7 +59,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from cnnkit.evaluate.explain import explain_images
+from cnnkit.runs.inference import split_outputs
 from cnnkit.runs.inference import top_k as top_k_classes
+from cnnkit.runs.reject import UNKNOWN, Rejection
 from cnnkit.runs.run import load_run
 
 from .guard import (
@@ -119,7 +121,7 @@ DEVICE_CSP = (
 class Predictor:
     """What the service needs of a model, for a run (PyTorch) or an ONNX file."""
 
-    def __init__(self, path: str | Path, backend: str = "auto"):
+    def __init__(self, path: str | Path, backend: str = "auto", reject: bool = True):
         path = Path(path)
         if backend == "auto":
             backend = "onnx" if path.suffix == ".onnx" else "torch"
@@ -138,10 +140,23 @@ class Predictor:
         self.classes: list[str] = self.model.classes
         self.preprocessing: dict = self.model.preprocessing
         self.can_explain = backend == "torch"
+        # the "unknown" rule of the run or file (runs/reject.py); None: --reject off, or none
+        self.rejection = Rejection.from_record(self.model.rejection) if reject else None
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        p = self.model.probabilities(images)
-        return p.cpu().numpy() if isinstance(p, torch.Tensor) else p
+        return self.outputs(images)[0]
+
+    def outputs(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, energy score or None) of a batch of uint8 images."""
+        return split_outputs(self.model.outputs(images))
+
+    def rows(self, images: torch.Tensor) -> list[tuple[np.ndarray, float | None]]:
+        """(probabilities, out-of-distribution score or None) of each image: what the
+        batcher answers each request with."""
+        probs, energy = self.outputs(images)
+        if self.rejection is None:
+            return [(p, None) for p in probs]
+        return list(zip(probs, self.rejection.values(probs, energy).tolist(), strict=True))
 
     def describe(self) -> dict:
         info = {
@@ -150,6 +165,7 @@ class Predictor:
             "classes": self.classes,
             "input": self.preprocessing,
             "explain": self.can_explain,
+            "rejection": self.rejection.to_dict() if self.rejection else None,
         }
         if self.backend == "onnx":
             info["provenance"] = self.model.provenance
@@ -203,7 +219,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        fn: Callable[[torch.Tensor], np.ndarray],
+        fn: Callable[[torch.Tensor], Sequence],
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         on_batch: Callable[[int], None] | None = None,
@@ -247,7 +263,7 @@ class MicroBatcher:
         finally:
             self.pending -= len(images)
 
-    def _run(self, images: list[torch.Tensor]) -> np.ndarray:
+    def _run(self, images: list[torch.Tensor]) -> Sequence:
         return self.fn(torch.stack(images))  # stacking is a copy: off the event loop too
 
     async def _loop(self) -> None:
@@ -347,12 +363,26 @@ def page_html(classes: list[str], device: bool = False) -> tuple[str, str]:
     return page, csp
 
 
-def _top_k_rows(probs: list[np.ndarray], classes: list[str], k: int) -> list[dict]:
-    """{"label", "top": [{"class", "probability"}, ...]} for each row, most probable first."""
-    return [
-        {"label": top[0][0], "top": [{"class": c, "probability": p} for c, p in top]}
-        for top in top_k_classes(np.stack(probs), classes, k)
-    ]
+def _top_k_rows(
+    rows: list[tuple[np.ndarray, float | None]],
+    classes: list[str],
+    k: int,
+    rejection: Rejection | None = None,
+) -> list[dict]:
+    """{"label", "top": [{"class", "probability"}, ...]} for each (probabilities, score)
+    row, most probable first; with ``rejection``, "unknown" and "ood" too (the label is
+    "unknown" below the threshold)."""
+    tops = top_k_classes(np.stack([p for p, _ in rows]), classes, k)
+    out = []
+    for top, (_, score) in zip(tops, rows, strict=True):
+        row = {"label": top[0][0], "top": [{"class": c, "probability": p} for c, p in top]}
+        if rejection is not None:
+            row["unknown"] = score < rejection.threshold
+            row["ood"] = {**rejection.to_dict(), "value": score}
+            if row["unknown"]:
+                row["label"] = UNKNOWN
+        out.append(row)
+    return out
 
 
 class Service:
@@ -447,9 +477,9 @@ class Service:
                 ready.append((len(results), item))
                 results.append({"file": name})
         if ready:
-            probs = await self.batcher.submit([t for _, t in ready])
+            outputs = await self.batcher.submit([t for _, t in ready])
             self.metrics.images.inc(len(ready))
-            rows = _top_k_rows(probs, self.predictor.classes, k)
+            rows = _top_k_rows(outputs, self.predictor.classes, k, self.predictor.rejection)
             for (i, _), row in zip(ready, rows, strict=True):
                 results[i].update(row)
         status = 200 if ready else results[0]["error"]["status"]
@@ -515,18 +545,20 @@ def create_app(
     top_k: int = 5,
     host: str | None = None,
     max_queue: int | None = None,
+    reject: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving the run or ONNX file at ``model_path``.
 
     ``host``: where the server is bound. Bound to a loopback address, the app
     answers 421 to requests whose Host header names another machine (DNS rebinding).
     ``max_queue``: images waiting or running at most before requests get 503 (default: 4
-    batches).
+    batches). ``reject``: answer "unknown" below the model's out-of-distribution threshold
+    (False: always the most probable class).
     """
-    predictor = Predictor(model_path, backend)
+    predictor = Predictor(model_path, backend, reject)
     metrics = Metrics(max_batch)
     batcher = MicroBatcher(
-        predictor.probabilities,
+        predictor.rows,
         max_batch,
         max_wait_ms,
         on_batch=metrics.batch_size.observe,

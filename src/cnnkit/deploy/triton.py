@@ -4,7 +4,8 @@
 
     DIR/<name>/config.pbtxt     the model configuration (commented)
     DIR/<name>/labels.txt       one class name per line, for Triton's classification extension
-    DIR/<name>/1/model.onnx     the verified ONNX export (uint8 NCHW "images" -> "probabilities")
+    DIR/<name>/1/model.onnx     the verified ONNX export (uint8 NCHW "images" -> "probabilities"
+                                and, with the run's "unknown" rule, "ood_score")
 
 The ONNX file is made and checked against PyTorch by ``export_onnx``. The repository is
 then checked as far as a machine without a Triton server allows (``check_repository``):
@@ -19,7 +20,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cnnkit.deploy.export import _session, export_metadata, export_onnx, installed_version
+from cnnkit.deploy.export import (
+    _session,
+    export_metadata,
+    export_onnx,
+    installed_version,
+    read_metadata,
+)
 
 BACKEND = "onnxruntime"
 MODEL_FILE = "model.onnx"
@@ -109,10 +116,28 @@ def _dims(values) -> str:
 
 
 def config_text(
-    name: str, channels: int, size: tuple[int, int], classes: int, max_batch_size: int, params
+    name: str,
+    channels: int,
+    size: tuple[int, int],
+    classes: int,
+    max_batch_size: int,
+    params,
+    score: bool = False,
 ) -> str:
-    """config.pbtxt for the ONNX export: uint8 NCHW images in, FP32 probabilities out."""
+    """config.pbtxt for the ONNX export: uint8 NCHW images in, FP32 probabilities out
+    (``score``: and the FP32 out-of-distribution score of each image)."""
     h, w = size
+    score_output = (
+        """,
+  {
+    name: "ood_score"
+    data_type: TYPE_FP32
+    dims: [ 1 ]  # energy, logsumexp of the logits: "unknown" below cnnkit.rejection's threshold
+    reshape: { shape: [ ] }  # the ONNX output is one value per image
+  }"""
+        if score
+        else ""
+    )
     preferred = [b for b in PREFERRED_BATCH_SIZES if b <= max_batch_size]
     parameters = "".join(
         f"parameters {{\n  key: {_quote(key)}\n  value: {{ string_value: {_quote(value)} }}\n}}\n"
@@ -140,7 +165,7 @@ output [
     # Triton's classification extension: ask for class_count=k to get the top k as
     # "probability:index:label", labels from this file (one class per line, in order).
     label_filename: "{LABELS_FILE}"
-  }}
+  }}{score_output}
 ]
 # Merges concurrent requests into one batch, waiting at most {MAX_QUEUE_DELAY_US} us for more
 # to arrive. Uncomment preferred_batch_size only once perf_analyzer shows those sizes help.
@@ -230,7 +255,10 @@ def check_repository(model_dir: str | Path) -> list[str]:
                     )
                 shape = shape[1:]
             onnx_dims = [d if isinstance(d, int) else -1 for d in shape]
-            if list(tensor.dims) != onnx_dims:
+            # reshape: the model's own shape, where Triton shows another (one value per
+            # image, a 0-d tensor to the model, is dims [1] with reshape [])
+            model_dims = list(tensor.reshape.shape) if tensor.HasField("reshape") else None
+            if (list(tensor.dims) if model_dims is None else model_dims) != onnx_dims:
                 fail(
                     f"{kind} '{tensor.name}' dims {list(tensor.dims)} differ from the ONNX "
                     f"file's {onnx_dims}" + (" (without the batch dimension)" if batched else "")
@@ -282,10 +310,19 @@ def export_triton(
         "cnnkit.classes": json.dumps(run.classes, ensure_ascii=False),
         "cnnkit.preprocessing": json.dumps(export_metadata(run)["preprocessing"]),
     }
+    rejection = read_metadata(onnx_path).get("rejection")
+    if rejection:
+        params["cnnkit.rejection"] = json.dumps(rejection)
     config = model_dir / "config.pbtxt"
     config.write_text(
         config_text(
-            name, pre["channels"], tuple(pre["size"]), len(run.classes), max_batch_size, params
+            name,
+            pre["channels"],
+            tuple(pre["size"]),
+            len(run.classes),
+            max_batch_size,
+            params,
+            score=bool(rejection),
         ),
         encoding="utf-8",
     )

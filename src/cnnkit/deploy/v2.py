@@ -340,7 +340,8 @@ def add_v2_routes(app: FastAPI, service) -> None:
         except InputError as e:
             return reject(e)
         tensors = [torch.from_numpy(image) for image in images]
-        probs = np.stack(await service.batcher.submit(tensors))  # Overloaded: 503 (serve.py)
+        rows = await service.batcher.submit(tensors)  # Overloaded: 503 (serve.py)
+        probs = np.stack([p for p, _ in rows])
         metrics.images.inc(len(tensors))
         return await loop.run_in_executor(  # a large JSON answer is CPU work too
             service.decoder, infer_response, parsed, name, probs, classes, outputs

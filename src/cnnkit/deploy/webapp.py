@@ -238,7 +238,19 @@ def _model_io(path: Path) -> dict:
     inp = graph.input[0]
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type).name
-    return {"input": inp.name, "dtype": dtype, "shape": dims, "output": graph.output[0].name}
+    return {
+        "input": inp.name,
+        "dtype": dtype,
+        "shape": dims,
+        "output": graph.output[0].name,
+        "outputs": [o.name for o in graph.output],
+    }
+
+
+def _onnx_metadata(path: Path) -> dict:
+    from .export import read_metadata
+
+    return read_metadata(path)
 
 
 def _title(run) -> str:
@@ -288,6 +300,8 @@ def _write_app(run, out: Path, package: Path, parity: dict) -> str:
         "preprocessing": {**run.preprocessing, "layout": "nchw", "input_dtype": "uint8"},
         "model": {"file": "model.onnx", **_model_io(out / "model.onnx")},
         "val_accuracy": run.val_accuracy,
+        # below its threshold the app answers "unknown" (runs/reject.py); null: no rule
+        "rejection": _onnx_metadata(out / "model.onnx").get("rejection"),
         "parity": parity,
         "ort_web": {"version": version, "files": sorted(ORT_WEB_FILES.values())},
         "provenance": {

@@ -289,6 +289,7 @@ class Checkpoint:
     data: dict | None = None  # split sizes when trained: {name, root, train, val, test}
     weights_sha256: str | None = None  # None in files written before checksums
     calibration: dict | None = None  # temperature scaling folded in (runs/calibrate.py)
+    rejection: dict | None = None  # the "unknown" threshold (runs/reject.py)
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -324,6 +325,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         data=ckpt.get("data"),
         weights_sha256=ckpt.get("weights_sha256"),
         calibration=ckpt.get("calibration"),
+        rejection=ckpt.get("rejection"),
     )
 
 

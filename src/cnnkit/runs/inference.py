@@ -17,6 +17,8 @@ from cnnkit.data.memory import Normalizer
 from cnnkit.device import ExecutionContext
 from cnnkit.evaluate.metrics import ranked_classes
 
+from .reject import UNKNOWN, Rejection
+
 
 @torch.no_grad()  # not inference_mode: backbone features from here are trained on later
 def batched_forward(
@@ -74,36 +76,62 @@ def top_k(
 
 @dataclass
 class Prediction:
-    """Top-k classes of one input, or the reason it could not be read."""
+    """Top-k classes of one input, or the reason it could not be read.
+
+    With an "unknown" rule (runs/reject.py): ``ood_score`` and whether it fell below the
+    rule's threshold (``unknown``: then ``label`` is "unknown"; ``top`` is still the
+    model's ranking)."""
 
     source: str
     top: list[tuple[str, float]]  # (class name, probability), most likely first
     error: str | None = None
+    unknown: bool = False
+    ood_score: float | None = None
+    rule: dict | None = None  # {"score", "threshold"} when a rule was applied
 
     @property
     def label(self) -> str | None:
+        if self.unknown:
+            return UNKNOWN
         return self.top[0][0] if self.top else None
 
     def to_dict(self) -> dict:
         d = {"source": self.source}
         if self.error:
             d["error"] = self.error
-        else:
-            d["label"] = self.label
-            d["top"] = [{"class": c, "probability": p} for c, p in self.top]
+            return d
+        d["label"] = self.label
+        d["top"] = [{"class": c, "probability": p} for c, p in self.top]
+        if self.rule is not None:
+            d["unknown"] = self.unknown
+            d["ood"] = {**self.rule, "value": self.ood_score}
         return d
+
+
+def split_outputs(out) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, energy or None) from what a model's output function returns: the
+    probabilities alone, or (probabilities, energy)."""
+    probs, energy = out if isinstance(out, tuple) else (out, None)
+
+    def numpy(x):
+        return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    return numpy(probs), None if energy is None else numpy(energy)
 
 
 def predict_images(
     images,
     preprocessing: dict,
     classes: list[str],
-    probabilities: Callable[[torch.Tensor], torch.Tensor],
+    outputs: Callable[[torch.Tensor], object],
     top: int = 5,
+    rejection: Rejection | None = None,
 ) -> list[Prediction]:
     """Read and convert each input as ``preprocessing`` says, then one batched call of
-    ``probabilities`` (uint8 (N, C, H, W) -> (N, classes)). An input that cannot be read
-    gets a Prediction with ``error`` set; the others are still predicted."""
+    ``outputs`` (uint8 (N, C, H, W) -> probabilities (N, classes), or (probabilities,
+    energy (N,))). An input that cannot be read gets a Prediction with ``error`` set; the
+    others are still predicted. ``rejection``: images scoring below its threshold are
+    answered "unknown"."""
     if not isinstance(images, (list, tuple)):
         images = [images]
     results: list[Prediction] = []
@@ -118,7 +146,13 @@ def predict_images(
         except ImageReadError as e:
             results.append(Prediction(source, [], error=str(e)))
     if batch:
-        rows = top_k(probabilities(torch.stack(batch)), classes, top)
-        for i, row in zip(positions, rows, strict=True):
+        probs, energy = split_outputs(outputs(torch.stack(batch)))
+        rows = top_k(probs, classes, top)
+        values = rejection.values(probs, energy) if rejection else None
+        for n, (i, row) in enumerate(zip(positions, rows, strict=True)):
             results[i].top = row
+            if rejection is not None:
+                results[i].ood_score = float(values[n])
+                results[i].unknown = bool(values[n] < rejection.threshold)
+                results[i].rule = rejection.to_dict()
     return results

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from cnnkit.config import apply_overrides
 from cnnkit.data import is_builtin
 from cnnkit.data.resolve import load_data
-from cnnkit.evaluate.ood import ood_report
+from cnnkit.evaluate.ood import ood_report, scores
 
 LUMA = (0.299, 0.587, 0.114)  # Pillow's "L" conversion
 
@@ -65,15 +65,26 @@ def outside_images(run, data: str, limit: int | None = None, seed: int = 0) -> t
 
 def evaluate_ood(run, data: str, split: str | None = None, limit: int | None = None) -> dict:
     """AUROC, FPR at 95% TPR and the rejection rates of each score, the run's test (or
-    validation) split against ``data``."""
+    validation) split against ``data``; with the run's stored "unknown" rule, the share of
+    each set it answers "unknown" (``stored_rule``)."""
     own = run.data()
     choice = run.choose_split(split, own)
     inside = run.split_outputs(own, choice.split, progress_label=f"evaluating: {choice.split}")
     outside = outside_images(run, data, limit)
     logits = run.logits(outside, progress_label=f"evaluating: {data}")
-    return {
+    result = {
         "run": str(run.path),
         "in_distribution": {"data": own.name, "split": choice.split, "images": len(inside.labels)},
         "out_of_distribution": {"data": data, "images": len(outside)},
         "scores": ood_report(inside.logits, logits),
     }
+    if run.rejection:  # the threshold stored in the run, fitted on its validation split
+        rule = run.rejection
+        a, b = scores(inside.logits)[rule["score"]], scores(logits)[rule["score"]]
+        result["stored_rule"] = {
+            "score": rule["score"],
+            "threshold": rule["threshold"],
+            "in_rejected": float((a < rule["threshold"]).double().mean()),
+            "out_rejected": float((b < rule["threshold"]).double().mean()),
+        }
+    return result

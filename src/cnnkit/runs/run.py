@@ -26,6 +26,7 @@ from cnnkit.progress import progress
 from .checkpoint import Checkpoint, checkpoint_identity, read_checkpoint
 from .directory import METRICS_FILE, SPLIT_FILE, read_metrics
 from .inference import Prediction, batched_logits, predict_images
+from .reject import Rejection, energy
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,8 @@ class Run:
         self.classes: list[str] = checkpoint.classes
         # temperature scaling folded into the weights, with ECE before and after (or None)
         self.calibration: dict | None = checkpoint.calibration
+        # the "unknown" rule fitted on the validation split (runs/reject.py), or None
+        self.rejection: dict | None = checkpoint.rejection
         self.preprocessing: dict = checkpoint.preprocessing
         model = checkpoint.build_model()
         # How inference runs, decided once (serving calls logits for every batch).
@@ -404,7 +407,7 @@ class Run:
         overlays = []
         if readable:
             x = torch.stack([to_input_tensor(images[i], self.preprocessing) for i in readable])
-            targets = torch.tensor([self.classes.index(predictions[i].label) for i in readable])
+            targets = torch.tensor([self.classes.index(predictions[i].top[0][0]) for i in readable])
             overlays, _ = explain_images(
                 self.model, self.normalizer, x.to(self.device), targets, layer
             )
@@ -415,13 +418,23 @@ class Run:
         """Class probabilities of uint8 images (N, C, H, W) at the model's input size."""
         return self.logits(images).softmax(1)
 
-    def predict(self, images, top_k: int = 5) -> list[Prediction]:
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, energy score) of uint8 images (N, C, H, W): what predictions
+        and the "unknown" rule are made of."""
+        logits = self.logits(images)
+        return logits.softmax(1), energy(logits)
+
+    def predict(self, images, top_k: int = 5, reject: bool = True) -> list[Prediction]:
         """Top-k predictions for paths, PIL images, arrays or tensors (one or a list).
 
         An input that cannot be read gets a Prediction with ``error`` set; the rest are
-        still predicted.
+        still predicted. With the run's "unknown" rule (``rejection``) and ``reject``, an
+        image scoring below its threshold is answered "unknown" (its top-k still given).
         """
-        return predict_images(images, self.preprocessing, self.classes, self.probabilities, top_k)
+        rule = Rejection.from_record(self.rejection) if reject else None
+        return predict_images(
+            images, self.preprocessing, self.classes, self.outputs, top_k, rejection=rule
+        )
 
 
 def load_run(path: str | Path, weights: str = "best", device: str = "auto") -> Run:

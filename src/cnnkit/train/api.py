@@ -44,6 +44,7 @@ from cnnkit.runs.directory import (
     save_split,
     throughput,
 )
+from cnnkit.runs.reject import fit_run as fit_rejection_run
 from cnnkit.runs.run import Run, load_run
 
 from . import distributed
@@ -388,6 +389,7 @@ def _run_training(
                 _summarise(state, run_dir, say)
                 if plan.cfg.train.calibrate == "temperature":
                     distributed.on_main(lambda: _calibrate(run_dir, quiet, say), world)
+                distributed.on_main(lambda: _fit_unknown(run_dir, quiet, say), world)
                 _finish_trackers(trackers, run_dir, state)
     except BaseException as e:
         for tracker in trackers:
@@ -418,6 +420,18 @@ def _calibrate(run_dir: Path, quiet: bool, say: Callable[[str], None]) -> None:
         f"validation images and folded into best.pt: ECE {record['ece_before']:.4f} -> "
         f"{record['ece_after']:.4f}, NLL {record['nll_before']:.4f} -> "
         f"{record['nll_after']:.4f} (--calibrate none to leave them as trained)"
+    )
+
+
+def _fit_unknown(run_dir: Path, quiet: bool, say: Callable[[str], None]) -> None:
+    """The "unknown" threshold of best.pt, on the validation split (runs/reject.py)."""
+    record = fit_rejection_run(run_dir, quiet=quiet)
+    if record is None:
+        return
+    say(
+        f"reject {record['score']} score threshold {record['threshold']:.3f} keeps "
+        f"{record['acceptance']:.0%} of {record['images']:,} validation images: images below "
+        "it are answered 'unknown' (predict, serve, exports; --reject off to answer anyway)"
     )
 
 

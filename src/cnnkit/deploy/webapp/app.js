@@ -95,15 +95,29 @@ function classify(source, sw, sh) {
     const t0 = performance.now();
     const input = new ort.Tensor("uint8", pixels, shape);
     const outputs = await session.run({ [session.inputNames[0]]: input });
-    return { probs: outputs[session.outputNames[0]].data, ms: performance.now() - t0 };
+    const score = outputs.ood_score ? outputs.ood_score.data[0] : null;
+    return { probs: outputs[session.outputNames[0]].data, score, ms: performance.now() - t0 };
   });
   queue = run.catch(() => {});
   return run;
 }
 
-function show(probs, ms) {
+// The export's "unknown" rule: an out-of-distribution score below its threshold (the
+// energy from the model's ood_score output, or the top probability) means "none of these".
+function unknownNote(probs, score) {
+  const rule = config.rejection;
+  if (!rule) return null;
+  const value = rule.output === "ood_score" ? score : Math.max(...probs);
+  if (value === null || value >= rule.threshold) return null;
+  return `Unlike the images this model was trained on (${rule.score} score ` +
+    `${value.toFixed(2)}, threshold ${rule.threshold.toFixed(2)}). Its best guesses:`;
+}
+
+function show(probs, ms, score) {
   const order = Array.from(probs.keys()).sort((a, b) => probs[b] - probs[a]).slice(0, TOP_K);
-  $("label").textContent = config.classes[order[0]];
+  const note = unknownNote(probs, score);
+  $("label").textContent = note ? "unknown" : config.classes[order[0]];
+  $("unknown").textContent = note || ""; $("unknown").hidden = !note;
   $("bars").innerHTML = "";
   for (const i of order) {
     const row = document.createElement("div"); row.className = "bar";
@@ -141,8 +155,8 @@ async function showFile(file) {
     return;
   }
   try {
-    const { probs, ms } = await classify(img, img.naturalWidth, img.naturalHeight);
-    if (mine === current) { show(probs, ms); $("label").dataset.file = file.name; }
+    const { probs, score, ms } = await classify(img, img.naturalWidth, img.naturalHeight);
+    if (mine === current) { show(probs, ms, score); $("label").dataset.file = file.name; }
   } catch (e) {
     if (mine === current) fail("the model failed: " + e.message);
   }
@@ -160,8 +174,8 @@ async function startCamera() {
   while (stream && mine === current) {  // classify frame after frame, one at a time
     if (video.videoWidth) {
       try {
-        const { probs, ms } = await classify(video, video.videoWidth, video.videoHeight);
-        if (stream && mine === current) show(probs, ms);
+        const { probs, score, ms } = await classify(video, video.videoWidth, video.videoHeight);
+        if (stream && mine === current) show(probs, ms, score);
       } catch (e) { fail("the model failed: " + e.message); break; }
     }
     await new Promise((r) => requestAnimationFrame(r));
