@@ -131,3 +131,37 @@ def test_export_with_reject_off_has_neither_output_nor_rule(tiny_run, tmp_path, 
     assert "rejection" not in read_metadata(out)
     details = json.loads(out.with_suffix(".json").read_text())
     assert "max_score_difference" not in details["parity"]
+
+
+def test_the_service_applies_the_rule_of_the_run_and_of_its_onnx_file(tiny_run, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("onnxruntime")
+    from cnnkit.deploy.export import export_onnx
+    from cnnkit.deploy.serve import Predictor
+
+    digits = load_dataset("mnist", val_split=0).test.images[:500]
+    odd = _least_known(tiny_run, digits)
+    batch = torch.stack([odd[None], digits[0]])
+    path = export_onnx(tiny_run, tmp_path / "m.onnx", check_images=200).path
+    for predictor in (Predictor(tiny_run.path), Predictor(path)):
+        assert predictor.describe()["rejection"] == {
+            "score": "energy",
+            "threshold": rule_threshold(tiny_run),
+        }
+        (_, low), (_, high) = predictor.rows(batch)
+        assert low < rule_threshold(tiny_run) <= high
+    assert Predictor(path, reject=False).rows(batch)[0][1] is None
+
+
+def test_the_acceptance_is_a_setting(tmp_path, capsys):
+    import cnnkit
+
+    run = cnnkit.train(
+        data="mnist", epochs=1, limit=500, accept=0.8, runs_dir=str(tmp_path), quiet=True
+    )
+    assert run.rejection["acceptance"] == 0.8
+    assert run.rejection["val_rejected"] == pytest.approx(0.2, abs=0.002)
+    assert main(["train", "--data", "mnist", "--accept", "1.5"]) == 1
+    assert capsys.readouterr().err == (
+        "error: train.accept = 1.5 must be between 0 and 1, e.g. 0.95\n"
+    )

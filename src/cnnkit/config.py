@@ -210,6 +210,12 @@ class TrainConfig:
         "so its probabilities are calibrated (temperature), or leave them as trained (none)",
         choices=("temperature", "none"),
     )
+    accept: float = setting(
+        0.95,
+        "after training, the share of validation images the 'unknown' threshold lets "
+        "through (default 0.95); images scoring lower are answered 'unknown'",
+        check=(lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.95"),
+    )
     sync_bn: bool = setting(
         False,
         "several processes: BatchNorm statistics over the whole global batch "

@@ -3,10 +3,10 @@ split, below which an image is answered "unknown" instead of one of the classes.
 
 After training (and after temperature scaling, whose logits it is fitted on), the scores of
 every validation image are computed and the threshold is the one that ``acceptance`` of
-them (95% by default) reach: by construction about 5% of images like the training ones are
-answered "unknown", and the images of none of the classes are mostly below it (measured in
-``cnnkit evaluate --ood`` and benchmarks/ood.py). The rule is stored in best.pt as
-``rejection`` and travels with every export:
+them reach (95% by default; ``--accept``): by construction about 5% of images like the
+training ones are answered "unknown", and the images of none of the classes are mostly
+below it (measured in ``cnnkit evaluate --ood`` and benchmarks/ood.py). The rule is
+stored in best.pt as ``rejection`` and travels with every export:
 
 - ``energy`` (the default, measured the better of the two: benchmarks/ood.py) needs the
   logits; the ONNX export has a second output, ``ood_score``, that carries it, so ONNX
@@ -100,7 +100,7 @@ def fit_run(run_dir: str | Path, quiet: bool = False) -> dict | None:
         return None
     with silenced() if quiet else contextlib.nullcontext():
         outputs = run.split_outputs(data, "val", progress_label="fitting the unknown threshold")
-    record = fit_rejection(outputs.logits.float().cpu())
+    record = fit_rejection(outputs.logits.float().cpu(), run.config.train.accept)
     val = scores(outputs.logits)[DEFAULT_SCORE]
     record["val_rejected"] = float((val < record["threshold"]).double().mean())
     payload = load_checkpoint(run.checkpoint_path)

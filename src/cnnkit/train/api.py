@@ -425,7 +425,7 @@ def _calibrate(run_dir: Path, quiet: bool, say: Callable[[str], None]) -> None:
 
 def _fit_unknown(run_dir: Path, quiet: bool, say: Callable[[str], None]) -> None:
     """The "unknown" threshold of best.pt, on the validation split (runs/reject.py)."""
-    record = fit_rejection_run(run_dir, quiet=quiet)
+    record = fit_rejection_run(run_dir, quiet=quiet)  # at the run's train.accept
     if record is None:
         return
     say(
@@ -554,6 +554,7 @@ RESUMABLE_SETTINGS = (
     "run.mlflow_uri",
     "run.experiment",
     "train.calibrate",
+    "train.accept",
 )
 
 
