@@ -269,10 +269,14 @@ def test_predict_a_folder_recursively_into_csv(tiny_run, digit_folder, tmp_path,
         "probability_1",
         "class_2",
         "probability_2",
+        "answer",  # the class, or "unknown" below the run's threshold
+        "ood_score",
         "error",
     ]
     for row, prediction in zip(rows, expected, strict=True):
-        assert row["class_1"] == prediction.label and row["error"] == ""
+        assert row["class_1"] == prediction.top[0][0] and row["error"] == ""
+        assert row["answer"] == prediction.label
+        assert float(row["ood_score"]) == pytest.approx(prediction.ood_score, abs=1e-5)
         assert float(row["probability_1"]) == pytest.approx(prediction.top[0][1], abs=1e-6)
 
 

@@ -27,16 +27,19 @@ from cli_runs import (
 from cnnkit.runs.checkpoint import load_checkpoint
 
 ELASTIC_MARKER = ".cnnkit-elastic.json"
+# float32 throughout: the same numbers from one process and from two is a float32 property
+# (bf16 autocast, the default on CPUs with native bf16, rounds each share differently).
+FP32 = ["--precision", "fp32"]
 # No dropout, no augmentation. A global batch of 61 splits 30/31 over two ranks on every
 # step, and the last batch (600 = 9 x 61 + 51) 25/26: the loss scaling of unequal shares.
 SMALL = [
     "--data", "mnist", "--model", "conv8-pool-fc32", "--limit", "600",
-    "--epochs", "2", "--batch-size", "61",
+    "--epochs", "2", "--batch-size", "61", *FP32,
 ]  # fmt: skip
 # An epoch of a few seconds on two processes (~190 steps): time to interrupt it mid-way.
 BIG = [
     "--data", "mnist", "--model", "conv8-pool-fc32", "--limit", "20000",
-    "--epochs", "2", "--batch-size", "64",
+    "--epochs", "2", "--batch-size", "64", *FP32,
 ]  # fmt: skip
 ATOL = 1e-5
 NUMERIC = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -200,7 +203,7 @@ def test_python_api_in_a_torchrun_worker_script(small_runs, tmp_path):
     script.write_text(
         "import cnnkit\n"
         "run = cnnkit.train(data='mnist', model='conv8-pool-fc32', limit=600, epochs=2,\n"
-        "                   batch_size=61, quiet=True)\n"
+        "                   batch_size=61, precision='fp32', quiet=True)\n"
         "print('RUN', run.path, len(run.history))\n"
     )
     done = run([*_torchrun(), "--standalone", "--nproc-per-node", "2", str(script)], tmp_path)

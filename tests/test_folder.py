@@ -140,7 +140,7 @@ def test_scratch_model_on_a_folder_end_to_end(tmp_path):
     assert len(split["test"]) == 6 and split["classes"] == ["blue", "green", "red"]
     report = run.evaluate(split="test")
     assert report.num_images == 6
-    pred = run.predict(root / "green" / "green4.jpg")[0]
+    pred = run.predict(root / "green" / "green4.jpg", reject=False)[0]  # the class, always
     assert pred.label == "green"
 
 
@@ -326,7 +326,7 @@ def test_a_scratch_run_on_small_grayscale_images_trains_and_reloads_as_chosen(tm
         in (run.path / "train.log").read_text()
     )
     assert run.preprocessing["channels"] == 1 and run.data().shape == (1, 16, 16)
-    assert run.predict(root / "light" / "light3.png")[0].label in ("dark", "light")
+    assert run.predict(root / "light" / "light3.png", reject=False)[0].label in ("dark", "light")
 
 
 def test_a_pretrained_backbone_keeps_its_size_and_three_channels(tmp_path):
@@ -379,6 +379,6 @@ def test_a_latin1_class_name_trains_evaluates_reports_and_predicts(tmp_path, cap
     html, _ = run.report()
     assert "caf\\xe9" in html.read_text(encoding="utf-8")
     photo = next((root / os.fsdecode(b"caf\xe9")).iterdir())
-    prediction = run.predict([photo])[0]
+    prediction = run.predict([photo], reject=False)[0]
     assert prediction.label in run.classes and "caf\\xe9" in prediction.source
     print(prediction.source)  # printable: no UnicodeEncodeError

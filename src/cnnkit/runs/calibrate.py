@@ -13,6 +13,9 @@ every export (ONNX, phone, Triton, the web app) give them with nothing else to c
 checkpoint records T and the expected calibration error (ECE) and NLL before and after.
 Calibrating again (after ``--resume``) fits on the folded logits and multiplies the
 recorded T: the temperature is never applied twice.
+
+Then, on the same (calibrated) validation logits, the threshold below which an image is
+answered "unknown" (``fit_unknown_threshold``; the rule itself is in reject.py).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.evaluate.metrics import calibration
+from cnnkit.evaluate.ood import scores
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .reject import fit_rejection
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -155,3 +160,28 @@ def _save_record(path: Path, record: dict) -> None:
     payload = load_checkpoint(path)
     payload["calibration"] = record
     save_checkpoint(path, payload)
+
+
+def fit_unknown_threshold(run_dir: str | Path, quiet: bool = False) -> dict | None:
+    """Fit the "unknown" threshold (runs/reject.py) on the validation split of the run's
+    best.pt, after its calibration, and store it there (atomically). The record, or None
+    without a validation split."""
+    from cnnkit.progress import silenced
+
+    from .run import load_run
+
+    run = load_run(run_dir, weights="best", device="cpu")
+    if run.checkpoint_path.name != "best.pt":
+        return None
+    data = run.data()
+    if not data.count("val"):
+        return None
+    with silenced() if quiet else contextlib.nullcontext():
+        outputs = run.split_outputs(data, "val", progress_label="fitting the unknown threshold")
+    record = fit_rejection(outputs.logits.float().cpu(), run.config.train.accept)
+    val = scores(outputs.logits)[record["score"]]
+    record["val_rejected"] = float((val < record["threshold"]).double().mean())
+    payload = load_checkpoint(run.checkpoint_path)
+    payload["rejection"] = record
+    save_checkpoint(run.checkpoint_path, payload)
+    return record

@@ -6,7 +6,8 @@ every validation image are computed and the threshold is the one that ``acceptan
 them reach (95% by default; ``--accept``): by construction about 5% of images like the
 training ones are answered "unknown", and the images of none of the classes are mostly
 below it (measured in ``cnnkit evaluate --ood`` and benchmarks/ood.py). The rule is
-stored in best.pt as ``rejection`` and travels with every export:
+stored in best.pt as ``rejection`` (by ``fit_unknown_threshold`` in calibrate.py) and
+travels with every export:
 
 - ``energy`` (the default, measured the better of the two: benchmarks/ood.py) needs the
   logits; the ONNX export has a second output, ``ood_score``, that carries it, so ONNX
@@ -19,16 +20,12 @@ stored in best.pt as ``rejection`` and travels with every export:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from cnnkit.evaluate.ood import SCORES, scores, threshold_for
-
-from .checkpoint import load_checkpoint, save_checkpoint
 
 DEFAULT_SCORE = "energy"  # benchmarks/ood.py: the higher AUROC and lower FPR95 of the two
 ACCEPTANCE = 0.95
@@ -83,27 +80,3 @@ class Rejection:
 def energy(logits: torch.Tensor) -> torch.Tensor:
     """The energy score of each row: logsumexp of the logits (evaluate/ood.py)."""
     return torch.logsumexp(logits.float(), 1)
-
-
-def fit_run(run_dir: str | Path, quiet: bool = False) -> dict | None:
-    """Fit the rule on the validation split of the run's best.pt (after calibration) and
-    store it there (atomically). The record, or None without a validation split."""
-    from cnnkit.progress import silenced
-
-    from .run import load_run
-
-    run = load_run(run_dir, weights="best", device="cpu")
-    if run.checkpoint_path.name != "best.pt":
-        return None
-    data = run.data()
-    if not data.count("val"):
-        return None
-    with silenced() if quiet else contextlib.nullcontext():
-        outputs = run.split_outputs(data, "val", progress_label="fitting the unknown threshold")
-    record = fit_rejection(outputs.logits.float().cpu(), run.config.train.accept)
-    val = scores(outputs.logits)[DEFAULT_SCORE]
-    record["val_rejected"] = float((val < record["threshold"]).double().mean())
-    payload = load_checkpoint(run.checkpoint_path)
-    payload["rejection"] = record
-    save_checkpoint(run.checkpoint_path, payload)
-    return record

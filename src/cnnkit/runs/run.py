@@ -171,7 +171,13 @@ def stale_outputs(run_dir: str | Path) -> list[StaleOutput]:
 class Run:
     """A run directory with a loaded model. Make one with ``load_run(path)``."""
 
-    def __init__(self, path: Path, checkpoint: Checkpoint, device: str | torch.device = "auto"):
+    def __init__(
+        self,
+        path: Path,
+        checkpoint: Checkpoint,
+        device: str | torch.device = "auto",
+        precision: str | None = None,
+    ):
         self.path = path
         self.checkpoint_info = checkpoint.provenance
         self.checkpoint_path = checkpoint.path
@@ -192,7 +198,7 @@ class Run:
         t = self.config.train
         self.context = ExecutionContext.resolve(
             device=device,
-            precision=t.precision,
+            precision=precision or t.precision,
             eval_batch_size=t.eval_batch_size,
             model=model,
             image_size=tuple(self.preprocessing["size"]),
@@ -437,10 +443,13 @@ class Run:
         )
 
 
-def load_run(path: str | Path, weights: str = "best", device: str = "auto") -> Run:
+def load_run(
+    path: str | Path, weights: str = "best", device: str = "auto", precision: str | None = None
+) -> Run:
     """Load a run directory (or a checkpoint file) for evaluation and prediction.
 
-    ``weights`` is 'best' (chosen on the validation split) or 'last'.
+    ``weights`` is 'best' (chosen on the validation split) or 'last'. ``precision``: auto,
+    fp32 or bf16 for inference (default: the run's own setting).
     """
     path = Path(path)
     if path.is_file():
@@ -455,4 +464,4 @@ def load_run(path: str | Path, weights: str = "best", device: str = "auto") -> R
             ckpt_path = path / "last.pt"  # stopped before any epoch finished validation
         if not ckpt_path.exists():
             raise FileNotFoundError(f"{path} holds no {weights}.pt: is it a cnnkit run?")
-    return Run(run_dir, read_checkpoint(ckpt_path, map_location="cpu"), device)
+    return Run(run_dir, read_checkpoint(ckpt_path, map_location="cpu"), device, precision)

@@ -32,7 +32,7 @@ from cnnkit.data.resolve import load_data, weights_preprocessing
 from cnnkit.device import ExecutionContext, World
 from cnnkit.models import create_model
 from cnnkit.progress import silenced
-from cnnkit.runs.calibrate import calibrate_run
+from cnnkit.runs.calibrate import calibrate_run, fit_unknown_threshold
 from cnnkit.runs.checkpoint import Checkpoint, describe_run, read_checkpoint
 from cnnkit.runs.directory import (
     CONFIG_FILE,
@@ -44,7 +44,6 @@ from cnnkit.runs.directory import (
     save_split,
     throughput,
 )
-from cnnkit.runs.reject import fit_run as fit_rejection_run
 from cnnkit.runs.run import Run, load_run
 
 from . import distributed
@@ -425,7 +424,7 @@ def _calibrate(run_dir: Path, quiet: bool, say: Callable[[str], None]) -> None:
 
 def _fit_unknown(run_dir: Path, quiet: bool, say: Callable[[str], None]) -> None:
     """The "unknown" threshold of best.pt, on the validation split (runs/reject.py)."""
-    record = fit_rejection_run(run_dir, quiet=quiet)  # at the run's train.accept
+    record = fit_unknown_threshold(run_dir, quiet=quiet)  # at the run's train.accept
     if record is None:
         return
     say(
