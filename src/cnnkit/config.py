@@ -183,8 +183,9 @@ class TrainConfig:
     )
     monitor: str = setting(
         "val_acc",
-        "val_acc or val_loss: selects best.pt, drives early stopping",
-        choices=("val_acc", "val_loss"),
+        "val_acc, val_loss or (multi-label) val_map: selects best.pt, drives early "
+        "stopping; multi-label runs watch val_map where val_acc is asked",
+        choices=("val_acc", "val_loss", "val_map"),
     )
     time_budget: float | None = setting(
         None,
@@ -215,6 +216,12 @@ class TrainConfig:
         "after training, the share of validation images the 'unknown' threshold lets "
         "through (default 0.95); images scoring lower are answered 'unknown'",
         check=(lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.95"),
+    )
+    threshold: float | None = setting(
+        None,
+        "multi-label: one probability threshold for every label (default: each label's "
+        "own, the one with the best F1 on the validation split)",
+        check=(lambda v: 0 < v < 1, "must be between 0 and 1, e.g. 0.5"),
     )
     sync_bn: bool = setting(
         False,

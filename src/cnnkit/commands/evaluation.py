@@ -37,6 +37,8 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps({**report.to_dict(), "split_choice": choice.to_dict()}, indent=2))
         return 0
+    if run.multilabel is not None:
+        return _print_multilabel(run, report, choice)
     con = _console()
     epoch = run.checkpoint_info["epoch"]
     con.print(
@@ -90,6 +92,38 @@ def cmd_evaluate(args) -> int:
         f"saved {run.path / f'eval-{report.split}.json'}, "
         f"{run.path / 'confusion_matrix.png'}, {run.path / 'curves.png'}"
     )
+    return 0
+
+
+def _print_multilabel(run, report, choice) -> int:
+    """evaluate's table for a multi-label run: mAP and the decisions at its thresholds."""
+    m = report.metrics
+    print(
+        f"{run.path}: {run.config.model.name}, {report.split} split ({choice.reason}), "
+        f"{m['num_images']:,} images, {len(run.classes)} labels"
+    )
+    fitted = run.multilabel.get("fitted_on")
+    where = "fitted on the validation split" if fitted else "one for all (--threshold)"
+    mean_ap = "n/a" if m["mAP"] is None else f"{m['mAP']:.4f}"
+    print(
+        f"mAP {mean_ap} (macro; micro {m['mAP_micro']:.4f})  at the thresholds ({where}): "
+        f"example F1 {m['example_f1']:.4f}, Hamming loss {m['hamming_loss']:.4f}, subset "
+        f"accuracy {m['subset_accuracy']:.2%}, macro F1 {m['macro_f1']:.4f}"
+    )
+    t = _table(None, "label", "AP", "precision", "recall", "f1", "threshold", "support")
+    for name, r in m["per_label"].items():
+        ap = "n/a" if r["ap"] is None else f"{r['ap']:.4f}"
+        t.add_row(
+            name,
+            ap,
+            f"{r['precision']:.4f}",
+            f"{r['recall']:.4f}",
+            f"{r['f1']:.4f}",
+            f"{r['threshold']:.3f}",
+            f"{r['support']:,}",
+        )
+    _console().print(t)
+    print(f"wrote {run.path / f'eval-{report.split}.json'}")
     return 0
 
 

@@ -434,11 +434,66 @@ def _by_level(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: order[f.level])  # stable: in order within a level
 
 
+RARE_LABEL = 10  # training images a label needs, at least, to be learnt at all
+
+
+def multilabel_findings(data) -> list[Finding]:
+    """A multi-label set's labels: how often each is present (training split), the labels
+    too rare to learn, those missing from a split, the most frequent pairs, and images with
+    no label."""
+    train = data.train.labels
+    counts = train.sum(0).long().tolist()
+    order = sorted(range(len(counts)), key=lambda k: -counts[k])
+    shown = ", ".join(f"{data.classes[k]} {counts[k]:,}" for k in order[:12])
+    more = f" (and {len(order) - 12} more)" if len(order) > 12 else ""
+    findings = [Finding("info", "labels", f"training images per label: {shown}{more}")]
+    rare = [data.classes[k] for k in order if counts[k] < RARE_LABEL]
+    if rare:
+        findings.append(
+            Finding(
+                "warning",
+                "rare-labels",
+                f"{len(rare)} label(s) on fewer than {RARE_LABEL} training images, too few to "
+                f"learn: {', '.join(rare[:10])}; add images or remove the label",
+            )
+        )
+    for split in ("val", "test"):
+        part = data.split(split) if data.count(split) else None
+        if part is not None:
+            missing = [data.classes[k] for k, n in enumerate(part.labels.sum(0)) if n == 0]
+            if missing:
+                findings.append(
+                    Finding(
+                        "info",
+                        "split-labels",
+                        f"{split} split has no image with: {', '.join(missing[:10])} (their "
+                        "AP cannot be measured there)",
+                    )
+                )
+    pairs = (train.T @ train).long()
+    pairs.fill_diagonal_(0)
+    top = sorted(
+        ((int(pairs[i, j]), i, j) for i in range(len(counts)) for j in range(i + 1, len(counts))),
+        reverse=True,
+    )[:5]
+    if top and top[0][0]:
+        together = ", ".join(f"{data.classes[i]}+{data.classes[j]} {n:,}" for n, i, j in top if n)
+        findings.append(Finding("info", "co-occurrence", f"labels most often together: {together}"))
+    empty = int((train.sum(1) == 0).sum())
+    if empty:
+        findings.append(
+            Finding("info", "no-label", f"{empty:,} training images have no label (allowed)")
+        )
+    return findings
+
+
 def quick_check(data) -> list[Finding]:
     """The cheap checks on a loaded folder data set: counts, imbalance, and files with the
     same bytes in two splits (a read of the files, no decoding)."""
     if data.files is None:
         return []
+    if data.multilabel:
+        return multilabel_findings(data)
     root = Path(data.root)
     files = {s: [(root / f, lb) for f, lb in fs] for s, fs in data.files.items()}
     findings = _count_findings(_count(files, len(data.classes)), data.classes)

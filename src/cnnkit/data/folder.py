@@ -7,7 +7,10 @@ Layouts ``--data PATH`` accepts:
 - a folder with ``train/`` and ``val/`` (or ``validation/``), optionally ``test/``, each a
   folder of class folders;
 - a CSV or TSV file of ``path,label`` rows (an optional header; an optional third column
-  ``split`` with train/val/test), paths relative to the file.
+  ``split`` with train/val/test), paths relative to the file;
+- a multi-label list: the same with the header ``path,labels``, each cell holding the
+  image's labels separated by ``;`` (``cat;dog``), an empty cell for none
+  (data/multilabel.py); its split is iterative stratification over the label sets.
 
 Decoding JPEGs is the main cost on a CPU, so each image is decoded once, at the size
 training uses, into a uint8 array cached on disk (keyed by the files' content and the size)
@@ -57,6 +60,7 @@ from .builtin import data_roots, user_cache_dir
 from .corrections import apply_to_files
 from .decode import GRAYSCALE_MODES, ImageReadError, image_header, open_image, resize_and_crop
 from .memory import DataSplits, ImageTensors, channel_stats, stratified_split, stratified_subset
+from .multilabel import iterative_split, parse_labels
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -75,7 +79,8 @@ class FileList:
 
     root: Path
     classes: list[str]
-    splits: dict[str, list[tuple[Path, int]]]
+    # (file, class index); in a multi-label list (file, tuple of label indices)
+    splits: dict[str, list[tuple[Path, int | tuple[int, ...]]]]
     ignored: list[tuple[Path, str]] = field(default_factory=list)  # (file, why not used)
     # entries that are no readable file: dangling or looping links, FIFOs, sockets, devices
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (entry, why)
@@ -220,6 +225,8 @@ def _read_csv(path: Path) -> FileList:
         ["filename", "label"],
         ["image", "label"],
     )
+    multilabel = header[:2] in (["path", "labels"], ["file", "labels"], ["image", "labels"])
+    has_header = has_header or multilabel
     body = rows[1:] if has_header else rows
     split_col = header.index("split") if has_header and "split" in header else None
     entries: list[tuple[Path, str, str]] = []
@@ -229,7 +236,7 @@ def _read_csv(path: Path) -> FileList:
             raise ValueError(f"{path}, line {n}: expected path,label, got {r!r}")
         if not r[0].strip():
             no_path.append(n)
-        if not r[1].strip():
+        if not r[1].strip() and not multilabel:  # in a multi-label list: no label
             no_label.append(n)
         split = "all"
         if split_col is not None:
@@ -252,6 +259,14 @@ def _read_csv(path: Path) -> FileList:
     if skipped:
         dropped = {p for p, _ in skipped}
         entries = [e for e in entries if e[0] not in dropped]
+    if multilabel:
+        sets = [parse_labels(label) for _, label, _ in entries]
+        classes = sorted({name for labels in sets for name in labels})
+        index = {c: i for i, c in enumerate(classes)}
+        splits = {}
+        for (p, _, split), labels in zip(entries, sets, strict=True):
+            splits.setdefault(split, []).append((p, tuple(sorted(index[x] for x in labels))))
+        return FileList(path.parent, classes, splits, skipped=skipped, list_file=path)
     classes = sorted({label for _, label, _ in entries})
     index = {c: i for i, c in enumerate(classes)}
     splits: dict[str, list[tuple[Path, int]]] = {}
@@ -623,8 +638,29 @@ def _load(path: Path, budget: int) -> np.ndarray:
 # ---------------------------------------------------------------- splitting and loading
 
 
-def _split_indices(labels: torch.Tensor, val_split: float, test_split: float, seed: int):
-    """Stratified train / val / test indices of one pool of files."""
+def _is_multilabel(files: list) -> bool:
+    return bool(files) and isinstance(files[0][1], tuple)
+
+
+def _label_targets(files: list, classes: int) -> np.ndarray:
+    """(N, K) 0/1 matrix of a multi-label split's label tuples."""
+    out = np.zeros((len(files), classes), dtype=np.float32)
+    for i, (_, labels) in enumerate(files):
+        out[i, list(labels)] = 1
+    return out
+
+
+def _split_indices(labels, val_split: float, test_split: float, seed: int, classes: int = 0):
+    """Stratified train / val / test indices of one pool of files (label tuples: by
+    iterative stratification)."""
+    if isinstance(labels, list):  # multi-label: the label tuples
+        train_share = 1 - val_split - test_split
+        parts = iterative_split(
+            _label_targets([(None, lb) for lb in labels], classes),
+            [train_share, val_split, test_split],
+            seed,
+        )
+        return tuple(torch.from_numpy(p) for p in parts)
     rest, test = stratified_split(labels, test_split, seed)
     val_share = val_split / (1 - test_split) if test_split < 1 else 0.0
     train_in_rest, val_in_rest = stratified_split(labels[rest], val_share, seed + 1)
@@ -647,23 +683,34 @@ def plan_splits(
         if len(splits) > 1:
             raise ValueError(f"{listing.root}: some rows name a split and some do not")
         pool = splits.pop("all")
-        labels = torch.tensor([label for _, label in pool])
-        parts = _split_indices(labels, val_split, test_split, seed)
+        multilabel = _is_multilabel(pool)
+        labels = [lb for _, lb in pool] if multilabel else torch.tensor([lb for _, lb in pool])
+        parts = _split_indices(labels, val_split, test_split, seed, len(listing.classes))
         for name, idx in zip(("train", "val", "test"), parts, strict=True):
             if len(idx):
                 splits[name] = [pool[i] for i in idx.tolist()]
+        how = "iterative stratification over label sets" if multilabel else "stratified"
         notes.append(
-            f"split made here: stratified, seed {seed}, val {val_split:.0%}, test {test_split:.0%}"
+            f"split made here: {how}, seed {seed}, val {val_split:.0%}, test {test_split:.0%}"
         )
     elif "val" not in splits and "train" in splits and val_split > 0:
         train = splits["train"]
-        keep, take = stratified_split(torch.tensor([lb for _, lb in train]), val_split, seed)
+        if _is_multilabel(train):
+            targets = _label_targets(train, len(listing.classes))
+            keep, take = iterative_split(targets, [1 - val_split, val_split], seed)
+        else:
+            keep, take = stratified_split(torch.tensor([lb for _, lb in train]), val_split, seed)
         splits["train"] = [train[i] for i in keep.tolist()]
         splits["val"] = [train[i] for i in take.tolist()]
-        notes.append(f"no val/ split: {val_split:.0%} of train/ held out (stratified)")
+        how = "iterative stratification" if _is_multilabel(train) else "stratified"
+        notes.append(f"no val/ split: {val_split:.0%} of train/ held out ({how})")
     if not splits.get("train"):
         raise ValueError(f"{display_name(str(listing.root))}: no training images found")
     return splits
+
+
+def _json_label(label):
+    return list(label) if isinstance(label, tuple) else label
 
 
 def load_folder(
@@ -691,8 +738,8 @@ def load_folder(
     if split_file is not None:
         saved = json.loads(Path(split_file).read_text())
         root, classes = Path(saved["root"]), saved["classes"]
-        splits = {
-            s: [(root / rel, label) for rel, label in saved[s]]
+        splits = {  # a multi-label run's label lists back to tuples
+            s: [(root / rel, tuple(lb) if isinstance(lb, list) else lb) for rel, lb in saved[s]]
             for s in ("train", "val", "test")
             if saved.get(s)
         }
@@ -702,6 +749,11 @@ def load_folder(
         if empty:
             raise ValueError(empty)
         root, classes = listing.root, listing.classes
+        if corrections is not None and any(map(_is_multilabel, listing.splits.values())):
+            raise ValueError(
+                "--relabel / --exclude take one class per image; for a multi-label list, "
+                "edit its labels cells"
+            )
         if corrections is not None:  # --relabel / --exclude, before the split
             fixed = apply_to_files(corrections, listing.splits, root, classes)
             listing = dataclasses.replace(listing, splits=fixed)
@@ -746,18 +798,21 @@ def load_folder(
     # a view, which keeps a memory-mapped cache on disk (batches then read only their rows).
     images = torch.from_numpy(decoded.images)
     kept = set(decoded.kept)
+    multilabel = _is_multilabel(all_files)
     parts, files = {}, {}
     start = row = 0
     for s in order:
         kept_files = [all_files[i] for i in range(start, start + len(splits[s])) if i in kept]
         start += len(splits[s])
-        parts[s] = ImageTensors(
-            images[row : row + len(kept_files)],
-            torch.tensor([lb for _, lb in kept_files], dtype=torch.long),
+        labels = (
+            torch.from_numpy(_label_targets(kept_files, len(classes)))
+            if multilabel
+            else torch.tensor([lb for _, lb in kept_files], dtype=torch.long)
         )
+        parts[s] = ImageTensors(images[row : row + len(kept_files)], labels)
         row += len(kept_files)
         files[s] = [
-            [str(p.relative_to(root)) if p.is_relative_to(root) else str(p), lb]
+            [str(p.relative_to(root)) if p.is_relative_to(root) else str(p), _json_label(lb)]
             for p, lb in kept_files
         ]
     if isinstance(decoded.images, np.memmap):
@@ -766,7 +821,12 @@ def load_folder(
             "memory budget, read from the memory-mapped cache batch by batch"
         )
     if limit is not None and limit < len(parts["train"]):
-        keep = stratified_subset(parts["train"].labels, limit, seed)
+        if multilabel:  # a subset keeping every label's share
+            n = len(parts["train"])
+            targets = parts["train"].labels.numpy()
+            keep = torch.from_numpy(iterative_split(targets, [limit / n, 1 - limit / n], seed)[0])
+        else:
+            keep = stratified_subset(parts["train"].labels, limit, seed)
         parts["train"] = parts["train"].subset(keep)
         files["train"] = [files["train"][i] for i in keep.tolist()]
         notes.append(f"training on a stratified subset of {len(keep):,} images (limit={limit})")

@@ -16,7 +16,8 @@ from .augment import center_crop
 
 @dataclass
 class ImageTensors:
-    """A labelled set of images: uint8 (N, C, H, W) and int64 labels (N,)."""
+    """A labelled set of images: uint8 (N, C, H, W) and int64 labels (N,), or for a
+    multi-label set float 0/1 targets (N, K)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -69,6 +70,11 @@ class DataSplits:
             return tuple(self.train.images.shape[1:])
         c, h, w = self.train.images.shape[1:]
         return (c, *self.input_size) if self.input_size else (c, h, w)
+
+    @property
+    def multilabel(self) -> bool:
+        """Several labels per image: the labels are an (N, K) 0/1 matrix."""
+        return self.train.labels.ndim == 2
 
     @property
     def stored_size(self) -> tuple[int, int]:

@@ -259,6 +259,7 @@ def images_to_probabilities(
     run, layout: str = "nchw", score: bool = False
 ) -> ImagesToProbabilities:
     """The run's model on the CPU behind its normalisation: what every export converts."""
+    run.require_single_label("export")
     model = run.model.to("cpu").eval().to(memory_format=torch.contiguous_format)
     pre = run.preprocessing
     return ImagesToProbabilities(model, pre["mean"], pre["std"], layout, score).eval()

@@ -137,6 +137,7 @@ class Predictor:
             self.model = OnnxModel(path, spinning=False)
         else:
             self.model = load_run(path)
+            self.model.require_single_label("serve")
         self.classes: list[str] = self.model.classes
         self.preprocessing: dict = self.model.preprocessing
         self.can_explain = backend == "torch"

@@ -18,6 +18,8 @@ share of wrong yes/no decisions); subset accuracy (images whose whole label set 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -109,3 +111,22 @@ def multilabel_report(
         "macro_f1": float(f1.mean()),
         "per_label": per_label,
     }
+
+
+@dataclass
+class MultilabelReport:
+    """A multi-label evaluation: ``multilabel_report``'s figures on one split."""
+
+    split: str
+    metrics: dict
+
+    @property
+    def num_images(self) -> int:
+        return self.metrics["num_images"]
+
+    @property
+    def mAP(self) -> float | None:  # noqa: N802 (the field's name)
+        return self.metrics["mAP"]
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, **self.metrics}

@@ -185,3 +185,40 @@ def fit_unknown_threshold(run_dir: str | Path, quiet: bool = False) -> dict | No
     payload["rejection"] = record
     save_checkpoint(run.checkpoint_path, payload)
     return record
+
+
+def fit_label_thresholds(run_dir: str | Path, quiet: bool = False) -> dict:
+    """Multi-label: each label's probability threshold (evaluate/multilabel.py
+    ``fit_thresholds``: the best F1 on the validation split), or the run's --threshold
+    for all; stored in best.pt (or last.pt without validation) as ``multilabel``."""
+    import numpy as np
+
+    from cnnkit.evaluate.multilabel import fit_thresholds, multilabel_report
+    from cnnkit.progress import silenced
+
+    from .run import load_run
+
+    run = load_run(run_dir, weights="best", device="cpu")
+    fixed = run.config.train.threshold
+    data = run.data()
+    record = {"thresholds": [fixed or 0.5] * len(run.classes), "fitted_on": None}
+    if fixed is None and data.count("val"):
+        with silenced() if quiet else contextlib.nullcontext():
+            outputs = run.split_outputs(data, "val", progress_label="fitting label thresholds")
+        probs = outputs.logits.float().sigmoid().cpu().numpy()
+        targets = outputs.labels.cpu().numpy()
+        thresholds = fit_thresholds(probs, targets)
+        half = np.full(len(run.classes), 0.5)
+        record = {
+            "thresholds": thresholds.tolist(),
+            "fitted_on": "val",
+            "images": len(targets),
+            "val_macro_f1": multilabel_report(probs, targets, thresholds, run.classes)["macro_f1"],
+            "val_macro_f1_at_half": multilabel_report(probs, targets, half, run.classes)[
+                "macro_f1"
+            ],
+        }
+    payload = load_checkpoint(run.checkpoint_path)
+    payload["multilabel"] = record
+    save_checkpoint(run.checkpoint_path, payload)
+    return record

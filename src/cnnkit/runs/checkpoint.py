@@ -290,6 +290,7 @@ class Checkpoint:
     weights_sha256: str | None = None  # None in files written before checksums
     calibration: dict | None = None  # temperature scaling folded in (runs/calibrate.py)
     rejection: dict | None = None  # the "unknown" threshold (runs/reject.py)
+    multilabel: dict | None = None  # several labels per image: the per-label thresholds
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -326,6 +327,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         weights_sha256=ckpt.get("weights_sha256"),
         calibration=ckpt.get("calibration"),
         rejection=ckpt.get("rejection"),
+        multilabel=ckpt.get("multilabel"),
     )
 
 

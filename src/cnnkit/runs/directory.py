@@ -94,11 +94,13 @@ def save_split(data: DataSplits, path: Path) -> None:
 def append_metrics(path: Path, row: dict) -> None:
     """Append one epoch's row (flushed and closed, so a crash loses nothing)."""
     new = not path.exists()
+    # a multi-label run's rows have the validation mAP too
+    columns = METRIC_COLUMNS + (["val_map"] if "val_map" in row else [])
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, METRIC_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
 
 
 def rewrite_metrics(path: Path, history: list[dict]) -> None:

@@ -14,6 +14,7 @@ import torch
 from cnnkit.data.decode import ImageReadError, to_input_tensor
 from cnnkit.data.folder import display_name
 from cnnkit.data.memory import Normalizer
+from cnnkit.data.multilabel import SEPARATOR as MULTILABEL_SEPARATOR
 from cnnkit.device import ExecutionContext
 from cnnkit.evaluate.metrics import ranked_classes
 
@@ -88,9 +89,13 @@ class Prediction:
     unknown: bool = False
     ood_score: float | None = None
     rule: dict | None = None  # {"score", "threshold"} when a rule was applied
+    # multi-label: every label at or over its threshold, most probable first
+    labels: list[tuple[str, float]] | None = None
 
     @property
     def label(self) -> str | None:
+        if self.labels is not None:  # the label set, as a multi-label list writes it
+            return MULTILABEL_SEPARATOR.join(name for name, _ in self.labels)
         if self.unknown:
             return UNKNOWN
         return self.top[0][0] if self.top else None
@@ -101,6 +106,8 @@ class Prediction:
             d["error"] = self.error
             return d
         d["label"] = self.label
+        if self.labels is not None:
+            d["labels"] = [{"class": c, "probability": p} for c, p in self.labels]
         d["top"] = [{"class": c, "probability": p} for c, p in self.top]
         if self.rule is not None:
             d["unknown"] = self.unknown
@@ -126,12 +133,14 @@ def predict_images(
     outputs: Callable[[torch.Tensor], object],
     top: int = 5,
     rejection: Rejection | None = None,
+    thresholds=None,
 ) -> list[Prediction]:
     """Read and convert each input as ``preprocessing`` says, then one batched call of
     ``outputs`` (uint8 (N, C, H, W) -> probabilities (N, classes), or (probabilities,
     energy (N,))). An input that cannot be read gets a Prediction with ``error`` set; the
     others are still predicted. ``rejection``: images scoring below its threshold are
-    answered "unknown"."""
+    answered "unknown". ``thresholds`` (multi-label, one per label): every label at or over
+    its own is in the answer."""
     if not isinstance(images, (list, tuple)):
         images = [images]
     results: list[Prediction] = []
@@ -151,6 +160,10 @@ def predict_images(
         values = rejection.values(probs, energy) if rejection else None
         for n, (i, row) in enumerate(zip(positions, rows, strict=True)):
             results[i].top = row
+            if thresholds is not None:
+                present = np.flatnonzero(probs[n] >= np.asarray(thresholds))
+                chosen = sorted(present, key=lambda k: -probs[n][k])
+                results[i].labels = [(classes[k], float(probs[n][k])) for k in chosen]
             if rejection is not None:
                 results[i].ood_score = float(values[n])
                 results[i].unknown = bool(values[n] < rejection.threshold)

@@ -67,6 +67,7 @@ def evaluate_ood(run, data: str, split: str | None = None, limit: int | None = N
     """AUROC, FPR at 95% TPR and the rejection rates of each score, the run's test (or
     validation) split against ``data``; with the run's stored "unknown" rule, the share of
     each set it answers "unknown" (``stored_rule``)."""
+    run.require_single_label("--ood")
     own = run.data()
     choice = run.choose_split(split, own)
     inside = run.split_outputs(own, choice.split, progress_label=f"evaluating: {choice.split}")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cnnkit.config import Config
@@ -19,6 +20,7 @@ from cnnkit.data.stream import read_samples, split_chunks
 from cnnkit.device import ExecutionContext
 from cnnkit.evaluate.explain import explain_images
 from cnnkit.evaluate.metrics import ClassificationReport, classification_report
+from cnnkit.evaluate.multilabel import MultilabelReport, multilabel_report
 from cnnkit.evaluate.plots import plot_confusion_matrix, plot_curves
 from cnnkit.evaluate.report import write_report
 from cnnkit.progress import progress
@@ -192,6 +194,8 @@ class Run:
         self.calibration: dict | None = checkpoint.calibration
         # the "unknown" rule fitted on the validation split (runs/reject.py), or None
         self.rejection: dict | None = checkpoint.rejection
+        # several labels per image: {"thresholds": per label, "fitted_on"}, else None
+        self.multilabel: dict | None = checkpoint.multilabel
         self.preprocessing: dict = checkpoint.preprocessing
         model = checkpoint.build_model()
         # How inference runs, decided once (serving calls logits for every batch).
@@ -218,6 +222,14 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run('{self.path}', model={self.config.model.name}, data={self.config.data.name})"
+
+    def require_single_label(self, what: str) -> None:
+        """Refuse, in one line, what is built for one class per image only (so far)."""
+        if self.multilabel is not None:
+            raise ValueError(
+                f"{what} is not built for multi-label runs yet; evaluate and predict are "
+                "(with the per-label thresholds)"
+            )
 
     def stale_outputs(self) -> list[StaleOutput]:
         """This run's outputs made from a checkpoint that has changed since (see
@@ -281,6 +293,8 @@ class Run:
         """Logits over every image of ``split`` (``tta``: over test-time views), with
         progress. A streamed split is decoded by worker processes a chunk at a time, so
         only its logits are held, never its images."""
+        if tta:
+            self.require_single_label("--tta")
         forward = self.tta_logits if tta else self.logits
         streamed = data.streamed
         if streamed is None:
@@ -359,9 +373,41 @@ class Run:
         data = self.data()  # loaded once: choose_split looks at it too
         choice = self.choose_split(split, data)
         outputs = self.split_outputs(data, choice.split, tta)
+        if self.multilabel is not None:
+            return self._evaluate_multilabel(outputs, data.name, choice, save)
         report = classification_report(outputs.logits, outputs.labels, self.classes, choice.split)
         if save:
             self.save_evaluation(report, data.name, choice)
+        return report
+
+    def _evaluate_multilabel(self, outputs, data_name: str, choice, save: bool):
+        """mAP, per-label P/R/F1/AP, example F1, Hamming loss, subset accuracy at the run's
+        thresholds (evaluate/multilabel.py); eval-<split>.json and curves.png."""
+        probs = outputs.logits.float().sigmoid().cpu().numpy()
+        targets = outputs.labels.cpu().numpy()
+        thresholds = np.asarray(self.multilabel["thresholds"])
+        report = MultilabelReport(
+            choice.split, multilabel_report(probs, targets, thresholds, self.classes)
+        )
+        if save:
+            payload = {
+                "run": str(self.path),
+                "data": data_name,
+                "model": self.config.model.name,
+                "weights_epoch": self.checkpoint_info["epoch"],
+                "checkpoint": self.checkpoint_ref,
+                "split_reason": choice.reason,
+                "caveat": choice.caveat,
+                "thresholds_fitted_on": self.multilabel.get("fitted_on"),
+                **report.to_dict(),
+            }
+            (self.path / f"eval-{choice.split}.json").write_text(json.dumps(payload, indent=2))
+            if self.history:
+                plot_curves(
+                    self.history,
+                    f"{self.path.name}: {self.config.model.name} on {data_name}",
+                    self.path / "curves.png",
+                )
         return report
 
     def save_evaluation(
@@ -421,13 +467,16 @@ class Run:
         return [(pred, shown.get(i)) for i, pred in enumerate(predictions)]
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of uint8 images (N, C, H, W) at the model's input size."""
-        return self.logits(images).softmax(1)
+        """Class probabilities of uint8 images (N, C, H, W) at the model's input size
+        (multi-label: each label's own probability, a sigmoid)."""
+        return self.outputs(images)[0]
 
-    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(probabilities, energy score) of uint8 images (N, C, H, W): what predictions
-        and the "unknown" rule are made of."""
+        and the "unknown" rule are made of. Multi-label: (each label's sigmoid, None)."""
         logits = self.logits(images)
+        if self.multilabel is not None:
+            return logits.sigmoid(), None
         return logits.softmax(1), energy(logits)
 
     def predict(self, images, top_k: int = 5, reject: bool = True) -> list[Prediction]:
@@ -438,8 +487,15 @@ class Run:
         image scoring below its threshold is answered "unknown" (its top-k still given).
         """
         rule = Rejection.from_record(self.rejection) if reject else None
+        thresholds = self.multilabel["thresholds"] if self.multilabel else None
         return predict_images(
-            images, self.preprocessing, self.classes, self.outputs, top_k, rejection=rule
+            images,
+            self.preprocessing,
+            self.classes,
+            self.outputs,
+            top_k,
+            rejection=rule,
+            thresholds=thresholds,
         )
 
 

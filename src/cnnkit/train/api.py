@@ -32,7 +32,7 @@ from cnnkit.data.resolve import load_data, weights_preprocessing
 from cnnkit.device import ExecutionContext, World
 from cnnkit.models import create_model
 from cnnkit.progress import silenced
-from cnnkit.runs.calibrate import calibrate_run, fit_unknown_threshold
+from cnnkit.runs.calibrate import calibrate_run, fit_label_thresholds, fit_unknown_threshold
 from cnnkit.runs.checkpoint import Checkpoint, describe_run, read_checkpoint
 from cnnkit.runs.directory import (
     CONFIG_FILE,
@@ -244,8 +244,14 @@ def _header(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> None:
     if data.streamed is not None:
         split = "splits of the shard set"
     has_test = bool(data.count("test"))
+    kind = (
+        f"{len(data.classes)} labels, multi-label (several per image: sigmoid outputs, "
+        "binary cross-entropy, best.pt by validation mAP)"
+        if data.multilabel
+        else f"{len(data.classes)} classes"
+    )
     say(
-        f"data   {data.name}: {data.sizes()} images of {c}x{h}x{w}, {len(data.classes)} classes "
+        f"data   {data.name}: {data.sizes()} images of {c}x{h}x{w}, {kind} "
         f"({split}; {'test held out' if has_test else 'no test split'})"
     )
     if not has_test:  # say it now, not when evaluate finds out
@@ -386,9 +392,12 @@ def _run_training(
             state = _train_stages(plan, run_dir, all_hooks, say, resume)
             if state is not None:
                 _summarise(state, run_dir, say)
-                if plan.cfg.train.calibrate == "temperature":
-                    distributed.on_main(lambda: _calibrate(run_dir, quiet, say), world)
-                distributed.on_main(lambda: _fit_unknown(run_dir, quiet, say), world)
+                if plan.data.multilabel:
+                    distributed.on_main(lambda: _fit_thresholds(run_dir, quiet, say), world)
+                else:
+                    if plan.cfg.train.calibrate == "temperature":
+                        distributed.on_main(lambda: _calibrate(run_dir, quiet, say), world)
+                    distributed.on_main(lambda: _fit_unknown(run_dir, quiet, say), world)
                 _finish_trackers(trackers, run_dir, state)
     except BaseException as e:
         for tracker in trackers:
@@ -419,6 +428,20 @@ def _calibrate(run_dir: Path, quiet: bool, say: Callable[[str], None]) -> None:
         f"validation images and folded into best.pt: ECE {record['ece_before']:.4f} -> "
         f"{record['ece_after']:.4f}, NLL {record['nll_before']:.4f} -> "
         f"{record['nll_after']:.4f} (--calibrate none to leave them as trained)"
+    )
+
+
+def _fit_thresholds(run_dir: Path, quiet: bool, say: Callable[[str], None]) -> None:
+    """Multi-label: each label's probability threshold, on the validation split."""
+    record = fit_label_thresholds(run_dir, quiet=quiet)
+    values = record["thresholds"]
+    if record["fitted_on"] is None:
+        say(f"thresh {values[0]:.2f} for every label (--threshold, or no validation split)")
+        return
+    say(
+        f"thresh per-label thresholds fitted on {record['images']:,} validation images "
+        f"(best F1 each): {min(values):.2f} to {max(values):.2f}; validation F1 (macro) "
+        f"{record['val_macro_f1']:.4f} against {record['val_macro_f1_at_half']:.4f} at 0.5"
     )
 
 

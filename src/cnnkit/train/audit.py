@@ -134,6 +134,11 @@ def load_audit_data(cfg: Config, limit: int | None = None) -> AuditData:
             f"{name}: the audit reads a folder or CSV list of images into memory; a shard "
             "set cannot be audited (audit the folder it was packed from)"
         )
+    if splits.multilabel:
+        raise ValueError(
+            f"{name}: the audit finds images whose one class is wrong; a multi-label list "
+            "is not supported yet"
+        )
     parts = [splits.train] + ([splits.val] if splits.val is not None else [])
     # split files are [path under the root, label] pairs
     pairs = list(splits.files["train"]) + (list(splits.files["val"]) if splits.val else [])

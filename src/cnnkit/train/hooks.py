@@ -29,6 +29,8 @@ def format_epoch(row: dict, epochs: int) -> str:
         if row.get("val_loss") is not None
         else "no val"
     )
+    if row.get("val_map") is not None:  # multi-label: acc is the share of right yes/no's
+        val += f" mAP {row['val_map']:.4f}"
     stage = "" if row.get("stage", "train") == "train" else f"[{row['stage']}] "
     return (
         f"{stage}epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} "

@@ -183,6 +183,64 @@ class _EpochClock:
         return self.begin.elapsed_time(self.end) / 1000
 
 
+def multilabel_loss(
+    logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each image's binary cross-entropy, averaged over its labels (float32)."""
+    return F.binary_cross_entropy_with_logits(
+        logits.float(), targets.float(), pos_weight=pos_weight, reduction="none"
+    ).mean(1)
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Right answers in a batch: images whose class is the top one; multi-label, the share
+    of each image's yes/no decisions (probability 0.5) that are right, summed."""
+    if labels.ndim == 2:
+        return ((logits > 0) == (labels > 0.5)).float().mean(1).sum()
+    return (logits.argmax(1) == labels).sum()
+
+
+def mean_average_precision(probs: torch.Tensor, targets: torch.Tensor) -> float | None:
+    """Macro mAP over the labels with a positive image (evaluate/multilabel.py)."""
+    from cnnkit.evaluate.multilabel import average_precision
+
+    aps = [
+        average_precision(probs[:, k].numpy(), targets[:, k].numpy()) for k in range(probs.shape[1])
+    ]
+    aps = [a for a in aps if a == a]  # NaN: a label with no positive image here
+    return sum(aps) / len(aps) if aps else None
+
+
+def positive_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Multi-label --class-weights auto: each label's negatives per positive (at most 100),
+    the weight of its positive term in the loss, so a rare label is not learnt as "never"."""
+    positives = targets.float().sum(0)
+    return ((len(targets) - positives) / positives.clamp_min(1)).clamp(1, 100)
+
+
+def _check_multilabel(cfg, streamed) -> None:
+    """Settings that have no multi-label meaning, refused in one line each."""
+    if streamed is not None:
+        raise ValueError("multi-label data is loaded into memory; --stream is not supported")
+    if cfg.train.sampler == "balanced":
+        raise ValueError(
+            "--sampler balanced draws by class; with several labels per image use "
+            "--class-weights auto (a weight per label) instead"
+        )
+    if cfg.optim.label_smoothing:
+        raise ValueError("--label-smoothing is for one label per image; leave it at 0")
+
+
+def _monitor(asked: str, has_val: bool, multilabel: bool) -> str:
+    """The value that picks best.pt: multi-label runs watch the validation mAP where
+    val_acc is asked (the default); without a validation split, the training value."""
+    if multilabel and asked == "val_acc" and has_val:
+        return "val_map"
+    if asked == "val_map" and not multilabel:
+        raise ValueError("--monitor val_map is for multi-label data; use val_acc or val_loss")
+    return asked if has_val else asked.replace("val_", "train_").replace("train_map", "train_acc")
+
+
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Loss weights inverse to class frequency, 1 on average: n / (k * count)."""
     counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
@@ -208,6 +266,7 @@ class _Setup:
     generator: torch.Generator  # shuffling and augmentation
     monitor: str  # the value that picks best.pt
     loss_weights: torch.Tensor | None
+    pos_weight: torch.Tensor | None  # multi-label --class-weights auto: per label
     sample_weights: torch.Tensor | None  # balanced sampling: each image's chance
     batch_size: int  # the global batch
     steps: int  # per epoch
@@ -256,13 +315,19 @@ def _prepare(
         val_size = len(data.val)
         mine = distributed.share(val_size, world)  # a slice: a memory-mapped split stays so
         val = ImageTensors(data.val.images[mine], data.val.labels[mine]).to(device)
-    weights = None  # inverse class frequencies, for the weighted loss or balanced sampling
-    if streamed is not None and cfg.train.sampler == "balanced":
+    weights = pos_weight = None  # inverse class frequencies: weighted loss, balanced sampling
+    if data.multilabel:
+        _check_multilabel(cfg, streamed)
+        if cfg.train.class_weights == "auto":
+            pos_weight = positive_weights(train.labels).to(device)
+    elif streamed is not None and cfg.train.sampler == "balanced":
         raise ValueError(
             "--sampler balanced draws from the whole set in memory; a streamed data set is "
             "read in order: use --class-weights auto instead"
         )
-    if cfg.train.class_weights == "auto" or cfg.train.sampler == "balanced":
+    if not data.multilabel and (
+        cfg.train.class_weights == "auto" or cfg.train.sampler == "balanced"
+    ):
         labels = train.labels
         if streamed is not None:  # the index's counts stand for the labels
             counts = streamed.splits["train"].class_counts
@@ -283,8 +348,13 @@ def _prepare(
         schedule=build_schedule(optimizer, cfg.optim, stage.epochs, steps),
         generator=torch.Generator(device=device),
         # Without a validation split, best.pt follows the training metrics (and says so).
-        monitor=cfg.train.monitor if val_size else cfg.train.monitor.replace("val_", "train_"),
-        loss_weights=weights.to(device) if cfg.train.class_weights == "auto" else None,
+        monitor=_monitor(cfg.train.monitor, bool(val_size), data.multilabel),
+        loss_weights=(
+            weights.to(device)
+            if weights is not None and cfg.train.class_weights == "auto"
+            else None
+        ),
+        pos_weight=pos_weight,
         sample_weights=weights[train.labels].to(device)
         if cfg.train.sampler == "balanced"
         else None,
@@ -364,13 +434,17 @@ def _train_step(
     one = not setup.world.distributed
     with ctx.autocast():
         logits = setup.forward(x)
-        loss = F.cross_entropy(
-            logits,
-            y,
-            weight=setup.loss_weights,
-            label_smoothing=label_smoothing,
-            reduction="mean" if one else "sum",
-        )
+        if y.ndim == 2:  # multi-label: a sigmoid and binary cross-entropy per label
+            per_image = multilabel_loss(logits, y, setup.pos_weight)
+            loss = per_image.mean() if one else per_image.sum()
+        else:
+            loss = F.cross_entropy(
+                logits,
+                y,
+                weight=setup.loss_weights,
+                label_smoothing=label_smoothing,
+                reduction="mean" if one else "sum",
+            )
     if not one:
         # A share's part of the global batch's mean loss; x world size, which DDP's
         # gradient averaging divides back out.
@@ -383,7 +457,7 @@ def _train_step(
         # (the batch's mean loss x its images), or this share's part of it: summed over
         # the ranks, the same as one process adds
         sums[0] += loss.detach().float() * (len(y) if one else size / setup.world.size)
-        sums[1] += (logits.argmax(1) == y).sum()
+        sums[1] += correct(logits, y)
         sums[2] += len(y)
 
 
@@ -413,14 +487,25 @@ def _validate(setup: _Setup, ctx: ExecutionContext, row: dict) -> None:
     if not setup.val_size:
         return
     sums = [0.0, 0.0]
+    scored = []  # multi-label: (logits, targets) of every validation image, for the mAP
     for images, labels in _val_parts(setup, ctx):
         logits = batched_logits(setup.eval_forward, images, setup.normalizer, ctx)
         labels = labels.to(logits.device)
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").item()
-        sums[1] += (logits.argmax(1) == labels).sum().item()
-    loss_sum, correct = distributed.sum_values(sums, setup.world)
+        if labels.ndim == 2:
+            sums[0] += multilabel_loss(logits, labels).sum().item()
+            scored.append(torch.cat([logits.float(), labels.float()], 1))
+        else:
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+        sums[1] += float(correct(logits, labels))
+    loss_sum, right = distributed.sum_values(sums, setup.world)
     row["val_loss"] = loss_sum / setup.val_size
-    row["val_acc"] = correct / setup.val_size
+    row["val_acc"] = right / setup.val_size
+    if setup.train.labels.ndim == 2:  # every rank's share, in rank order: the mean AP
+        k = setup.train.labels.shape[1]
+        mine = torch.cat(scored) if scored else torch.zeros((0, 2 * k), device=ctx.device)
+        both = distributed.gather_rows(mine, setup.world).cpu()
+        k = both.shape[1] // 2
+        row["val_map"] = mean_average_precision(both[:, :k].sigmoid(), both[:, k:])
 
 
 def _val_parts(setup: _Setup, ctx: ExecutionContext):
