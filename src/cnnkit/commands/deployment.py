@@ -250,7 +250,10 @@ def _write_predictions(path: Path, document: dict, top_k: int) -> None:
 
 
 def _answer(prediction) -> str:
-    """The predicted class, or "unknown" with the score that fell below the threshold."""
+    """The predicted class, or "unknown" with the score that fell below the threshold;
+    multi-label, the labels over their thresholds."""
+    if prediction.labels == []:
+        return "(no label over its threshold)"
     if not prediction.unknown:
         return prediction.label
     rule = prediction.rule
