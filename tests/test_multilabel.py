@@ -145,6 +145,46 @@ def test_evaluate_and_predict_use_the_thresholds(canvas_run, tmp_path, capsys):
 
 def test_what_is_not_built_for_multilabel_says_so(canvas_run, capsys):
     run, _ = canvas_run
-    for command in (["export", str(run.path)], ["report", str(run.path)]):
+    for command in (
+        ["export", str(run.path), "--format", "webapp"],
+        ["report", str(run.path)],
+    ):
         assert main(command) == 1
         assert "not built for multi-label runs yet" in capsys.readouterr().err
+
+
+def test_onnx_and_the_service_give_the_label_sets(canvas_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    import cnnkit
+    from cnnkit.deploy.export import export_onnx, read_metadata
+    from cnnkit.deploy.serve import create_app
+
+    run, listing = canvas_run
+    path = export_onnx(run, tmp_path / "m.onnx", check_images=300).path
+    meta = read_metadata(path)["multilabel"]
+    assert meta["thresholds"] == run.multilabel["thresholds"] and meta["separator"] == ";"
+    files = sorted((listing.parent / "test").glob("*.png"))[:24]
+    images = run.data().test.images[:24]
+    onnx_probs = cnnkit.load(path).probabilities(images)
+    assert np.allclose(onnx_probs, run.probabilities(images).cpu().numpy(), atol=2e-2)
+    assert not np.allclose(onnx_probs.sum(1), 1, atol=0.05)  # sigmoids, not a softmax
+    # the file computes in float32: so does the run it is compared with (not bf16 autocast)
+    fp32 = cnnkit.load_run(run.path, device="cpu", precision="fp32")
+    names = [str(f) for f in files]
+    assert [p.label for p in cnnkit.load(path).predict(names)] == [
+        p.label for p in fp32.predict(names)
+    ]
+    expected = [p.label for p in run.predict(names)]  # the service runs as the run does
+    with TestClient(create_app(run.path, max_wait_ms=1)) as client:
+        assert client.get("/v1/model").json()["multilabel"]["thresholds"] == meta["thresholds"]
+        uploads = [("files", (f.name, f.read_bytes(), "image/png")) for f in files]
+        answers = client.post("/v1/predict", files=uploads).json()["predictions"]
+    assert [a["label"] for a in answers] == expected
+    assert all(
+        x["probability"] >= meta["thresholds"][run.classes.index(x["class"])]
+        for a in answers
+        for x in a["labels"]
+    )

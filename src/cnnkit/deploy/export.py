@@ -41,13 +41,23 @@ class ImagesToProbabilities(nn.Module):
     """uint8 images -> probabilities, with the run's normalisation inside the graph.
 
     ``score``: also return the energy score (logsumexp of the logits) of each image, the
-    out-of-distribution score the "unknown" rule thresholds (runs/reject.py)."""
+    out-of-distribution score the "unknown" rule thresholds (runs/reject.py).
+    ``multilabel``: each label's own probability (a sigmoid), not a softmax over them."""
 
-    def __init__(self, model: nn.Module, mean, std, layout: str = "nchw", score: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        mean,
+        std,
+        layout: str = "nchw",
+        score: bool = False,
+        multilabel: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.layout = layout
         self.score = score
+        self.multilabel = multilabel
         c = len(mean)
         self.register_buffer("scale", (1 / (255 * torch.tensor(std))).view(1, c, 1, 1))
         self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, c, 1, 1))
@@ -57,6 +67,8 @@ class ImagesToProbabilities(nn.Module):
         if self.layout == "nhwc":
             x = x.permute(0, 3, 1, 2)
         logits = self.model(x * self.scale - self.shift)
+        if self.multilabel:
+            return logits.sigmoid()
         if self.score:
             return logits.softmax(1), torch.logsumexp(logits, 1)
         return logits.softmax(1)
@@ -259,10 +271,10 @@ def images_to_probabilities(
     run, layout: str = "nchw", score: bool = False
 ) -> ImagesToProbabilities:
     """The run's model on the CPU behind its normalisation: what every export converts."""
-    run.require_single_label("export")
     model = run.model.to("cpu").eval().to(memory_format=torch.contiguous_format)
     pre = run.preprocessing
-    return ImagesToProbabilities(model, pre["mean"], pre["std"], layout, score).eval()
+    multilabel = getattr(run, "multilabel", None) is not None
+    return ImagesToProbabilities(model, pre["mean"], pre["std"], layout, score, multilabel).eval()
 
 
 def export_rejection(run, score_output: bool, reject: bool = True) -> dict | None:
@@ -312,6 +324,12 @@ def export_metadata(
     rejection = export_rejection(run, score_output, reject)
     if rejection:
         meta["rejection"] = rejection
+    if getattr(run, "multilabel", None) is not None:  # sigmoid outputs, a threshold each
+        meta["multilabel"] = {
+            "thresholds": run.multilabel["thresholds"],
+            "fitted_on": run.multilabel.get("fitted_on"),
+            "separator": ";",
+        }
     return meta
 
 
@@ -358,6 +376,8 @@ def export_onnx(
         raise ValueError(f"layout must be nchw or nhwc, got '{layout}'")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be int8, got '{quantize}'")
+    if quantize and getattr(run, "multilabel", None) is not None:
+        raise ValueError("--quantize int8 is not built for multi-label runs yet; export fp32")
     path = Path(path) if path else run.path / "model.onnx"
     scored = bool(reject and run.rejection)
     wrapper = images_to_probabilities(run, layout, score=scored)

@@ -134,6 +134,8 @@ def export_mobile(
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be int8, got '{quantize}'")
+    if fmt != "ort":  # the .ort file is the ONNX export's, sigmoid outputs and all
+        run.require_single_label(f"--format {fmt}")
     require(fmt)
     suffix = FORMATS[fmt]
     path = Path(path) if path else run.path / f"model{suffix}"

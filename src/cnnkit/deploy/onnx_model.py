@@ -63,6 +63,8 @@ class OnnxModel:
         # files exported with the "unknown" rule: (probabilities, ood_score)
         self.has_score = SCORE_OUTPUT in outputs
         self.rejection: dict | None = meta.get("rejection")
+        # several labels per image: sigmoid outputs and {"thresholds": one per label}
+        self.multilabel: dict | None = meta.get("multilabel")
 
     def __repr__(self) -> str:
         return f"OnnxModel('{self.path}', {len(self.classes)} classes)"
@@ -83,6 +85,13 @@ class OnnxModel:
     def predict(self, images, top_k: int = 5, reject: bool = True) -> list[Prediction]:
         """As ``Run.predict``: with the file's "unknown" rule unless ``reject`` is False."""
         rule = Rejection.from_record(self.rejection) if reject else None
+        thresholds = self.multilabel["thresholds"] if self.multilabel else None
         return predict_images(
-            images, self.preprocessing, self.classes, self.outputs, top_k, rejection=rule
+            images,
+            self.preprocessing,
+            self.classes,
+            self.outputs,
+            top_k,
+            rejection=rule,
+            thresholds=thresholds,
         )

@@ -137,12 +137,16 @@ class Predictor:
             self.model = OnnxModel(path, spinning=False)
         else:
             self.model = load_run(path)
-            self.model.require_single_label("serve")
         self.classes: list[str] = self.model.classes
         self.preprocessing: dict = self.model.preprocessing
         self.can_explain = backend == "torch"
         # the "unknown" rule of the run or file (runs/reject.py); None: --reject off, or none
         self.rejection = Rejection.from_record(self.model.rejection) if reject else None
+        # several labels per image: each label's threshold (its probability is a sigmoid)
+        multilabel = getattr(self.model, "multilabel", None)
+        self.thresholds = np.asarray(multilabel["thresholds"]) if multilabel else None
+        if self.thresholds is not None:
+            self.can_explain = False  # Grad-CAM of one class: not for a label set yet
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         return self.outputs(images)[0]
@@ -167,6 +171,9 @@ class Predictor:
             "input": self.preprocessing,
             "explain": self.can_explain,
             "rejection": self.rejection.to_dict() if self.rejection else None,
+            "multilabel": (
+                {"thresholds": self.thresholds.tolist()} if self.thresholds is not None else None
+            ),
         }
         if self.backend == "onnx":
             info["provenance"] = self.model.provenance
@@ -369,14 +376,20 @@ def _top_k_rows(
     classes: list[str],
     k: int,
     rejection: Rejection | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> list[dict]:
     """{"label", "top": [{"class", "probability"}, ...]} for each (probabilities, score)
     row, most probable first; with ``rejection``, "unknown" and "ood" too (the label is
-    "unknown" below the threshold)."""
+    "unknown" below the threshold); with ``thresholds`` (multi-label), "labels": every label
+    over its own, and the label is their names joined by ';'."""
     tops = top_k_classes(np.stack([p for p, _ in rows]), classes, k)
     out = []
-    for top, (_, score) in zip(tops, rows, strict=True):
+    for top, (probs, score) in zip(tops, rows, strict=True):
         row = {"label": top[0][0], "top": [{"class": c, "probability": p} for c, p in top]}
+        if thresholds is not None:
+            chosen = sorted(np.flatnonzero(probs >= thresholds), key=lambda j: -probs[j])
+            row["labels"] = [{"class": classes[j], "probability": float(probs[j])} for j in chosen]
+            row["label"] = ";".join(x["class"] for x in row["labels"])
         if rejection is not None:
             row["unknown"] = score < rejection.threshold
             row["ood"] = {**rejection.to_dict(), "value": score}
@@ -480,7 +493,13 @@ class Service:
         if ready:
             outputs = await self.batcher.submit([t for _, t in ready])
             self.metrics.images.inc(len(ready))
-            rows = _top_k_rows(outputs, self.predictor.classes, k, self.predictor.rejection)
+            rows = _top_k_rows(
+                outputs,
+                self.predictor.classes,
+                k,
+                self.predictor.rejection,
+                getattr(self.predictor, "thresholds", None),
+            )
             for (i, _), row in zip(ready, rows, strict=True):
                 results[i].update(row)
         status = 200 if ready else results[0]["error"]["status"]

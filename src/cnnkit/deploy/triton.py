@@ -310,9 +310,12 @@ def export_triton(
         "cnnkit.classes": json.dumps(run.classes, ensure_ascii=False),
         "cnnkit.preprocessing": json.dumps(export_metadata(run)["preprocessing"]),
     }
-    rejection = read_metadata(onnx_path).get("rejection")
+    exported = read_metadata(onnx_path)
+    rejection = exported.get("rejection")
     if rejection:
         params["cnnkit.rejection"] = json.dumps(rejection)
+    if "multilabel" in exported:  # sigmoid "probabilities", a threshold per label
+        params["cnnkit.multilabel"] = json.dumps(exported["multilabel"])
     config = model_dir / "config.pbtxt"
     config.write_text(
         config_text(

@@ -370,6 +370,7 @@ def export_webapp(
     """
     from .export import export_onnx
 
+    run.require_single_label("--format webapp")
     out = Path(output) if output else run.path / "webapp"
     check_output(out)
     package = Path(ort_web) if ort_web else ensure_ort_web()
