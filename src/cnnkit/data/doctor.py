@@ -341,6 +341,11 @@ def check_dataset(
     if is_shard_set(str(path)):
         return check_shards(str(path), near_bits)
     listing = list_images(path)
+    if any(fs and isinstance(fs[0][1], tuple) for fs in listing.splits.values()):
+        raise ValueError(
+            f"{path}: a multi-label list; 'datasets check' takes one class per image so far "
+            "(training prints its label counts, rare labels and co-occurrence)"
+        )
     root, classes = listing.root, listing.classes
     files = dict(listing.splits)  # a pool stays one split: duplicates in it leak on splitting
     items = [(p, split, lb) for split, fs in files.items() for p, lb in fs]

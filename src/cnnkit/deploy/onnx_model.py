@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.runs.inference import Prediction, predict_images
-from cnnkit.runs.reject import SCORE_OUTPUT, Rejection
+from cnnkit.runs.inference import Prediction, predict_with
+from cnnkit.runs.reject import SCORE_OUTPUT
 
 from .export import NotAnOnnxFileError, read_metadata
 
@@ -84,14 +84,4 @@ class OnnxModel:
 
     def predict(self, images, top_k: int = 5, reject: bool = True) -> list[Prediction]:
         """As ``Run.predict``: with the file's "unknown" rule unless ``reject`` is False."""
-        rule = Rejection.from_record(self.rejection) if reject else None
-        thresholds = self.multilabel["thresholds"] if self.multilabel else None
-        return predict_images(
-            images,
-            self.preprocessing,
-            self.classes,
-            self.outputs,
-            top_k,
-            rejection=rule,
-            thresholds=thresholds,
-        )
+        return predict_with(self, images, top_k, reject)

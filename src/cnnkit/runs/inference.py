@@ -169,3 +169,20 @@ def predict_images(
                 results[i].unknown = bool(values[n] < rejection.threshold)
                 results[i].rule = rejection.to_dict()
     return results
+
+
+def predict_with(model, images, top_k: int = 5, reject: bool = True) -> list[Prediction]:
+    """``predict`` of a Run or an OnnxModel: ``predict_images`` over its ``outputs``, with
+    its "unknown" rule (``rejection``; not with ``reject`` False) and, multi-label, its
+    per-label thresholds."""
+    rule = Rejection.from_record(model.rejection) if reject else None
+    thresholds = model.multilabel["thresholds"] if model.multilabel else None
+    return predict_images(
+        images,
+        model.preprocessing,
+        model.classes,
+        model.outputs,
+        top_k,
+        rejection=rule,
+        thresholds=thresholds,
+    )

@@ -27,8 +27,8 @@ from cnnkit.progress import progress
 
 from .checkpoint import Checkpoint, checkpoint_identity, read_checkpoint
 from .directory import METRICS_FILE, SPLIT_FILE, read_metrics
-from .inference import Prediction, batched_logits, predict_images
-from .reject import Rejection, energy
+from .inference import Prediction, batched_logits, predict_with
+from .reject import energy
 
 
 @dataclass(frozen=True)
@@ -486,17 +486,7 @@ class Run:
         still predicted. With the run's "unknown" rule (``rejection``) and ``reject``, an
         image scoring below its threshold is answered "unknown" (its top-k still given).
         """
-        rule = Rejection.from_record(self.rejection) if reject else None
-        thresholds = self.multilabel["thresholds"] if self.multilabel else None
-        return predict_images(
-            images,
-            self.preprocessing,
-            self.classes,
-            self.outputs,
-            top_k,
-            rejection=rule,
-            thresholds=thresholds,
-        )
+        return predict_with(self, images, top_k, reject)
 
 
 def load_run(
