@@ -147,7 +147,7 @@ def test_what_is_not_built_for_multilabel_says_so(canvas_run, capsys):
     run, _ = canvas_run
     for command in (
         ["export", str(run.path), "--format", "webapp"],
-        ["report", str(run.path)],
+        ["evaluate", str(run.path), "--tta"],
     ):
         assert main(command) == 1
         assert "not built for multi-label runs yet" in capsys.readouterr().err
@@ -188,3 +188,32 @@ def test_onnx_and_the_service_give_the_label_sets(canvas_run, tmp_path):
         for a in answers
         for x in a["labels"]
     )
+
+
+def test_errors_counted_by_the_labels_present():
+    from cnnkit.evaluate.multilabel_page import error_cooccurrence
+
+    targets = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=bool)
+    predicted = np.array([[1, 1, 0], [1, 1, 1], [0, 0, 1]], dtype=bool)
+    # image 0 holds a, b added; image 1 holds a and b, c added; image 2 (none) is left out
+    assert error_cooccurrence(predicted, targets).tolist() == [[0, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_the_report_page_of_a_multilabel_run(canvas_run, capsys):
+    run, _ = canvas_run
+    assert main(["report", str(run.path), "--gallery", "4"]) == 0
+    assert "mAP " in capsys.readouterr().out
+    report = json.loads((run.path / "report.json").read_text())
+    assert report["task"] == "multilabel" and report["split"] == "test"
+    evaluated = run.evaluate(split="test", save=False)  # the same split, the same figures
+    assert report["metrics"]["mAP"] == pytest.approx(evaluated.mAP, abs=1e-6)
+    worst = report["worst"]
+    assert worst and {w["kind"] for w in worst} <= {"false positive", "false negative"}
+    for w in worst:  # a false positive lacks the label, a false negative holds it
+        assert (w["label"] in w["true_labels"]) == (w["kind"] == "false negative")
+        assert (w["label"] in w["predicted_labels"]) == (w["kind"] == "false positive")
+    page = (run.path / "report.html").read_text()
+    assert page.count("<div class='card'>") == len(worst)
+    assert "precision-recall curves" in page and "data:image/png;base64," in page
+    errors = np.array(report["error_cooccurrence"])
+    assert errors.shape == (10, 10) and errors.sum() > 0

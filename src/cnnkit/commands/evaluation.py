@@ -173,6 +173,14 @@ def cmd_report(args) -> int:
     print(f"{report['split']} split: {report['split_reason']}")
     if report["caveat"]:
         print(f"caveat: {report['caveat']}")
+    if report.get("task") == "multilabel":
+        print(
+            f"{report['split']} mAP {m['mAP']:.4f}, example F1 {m['example_f1']:.4f}, Hamming "
+            f"loss {m['hamming_loss']:.4f}, subset accuracy {m['subset_accuracy']:.2%}"
+        )
+        print(f"wrote {html_path} and {json_path}")
+        _log_to_mlflow(run.path, [html_path, json_path])
+        return 0
     print(
         f"{report['split']} accuracy {m['accuracy']:.2%}, macro F1 {m['macro_avg']['f1']:.4f}, "
         f"ECE {report['calibration']['ece']:.4f}; diagnosis: "

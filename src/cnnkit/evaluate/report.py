@@ -193,7 +193,7 @@ def _to_pil(image: torch.Tensor):
 
 def write_report(run, split: str | None = None, gallery: int = 12) -> tuple[Path, Path]:
     """Write report.json and report.html into the run directory."""
-    run.require_single_label("the report page")
+    run.require_single_label("this report (multi-label: evaluate/multilabel_page.py)")
     report, images = build_report(run, split, gallery)
     json_path, html_path = run.path / "report.json", run.path / "report.html"
     json_path.write_text(json.dumps(report, indent=2))

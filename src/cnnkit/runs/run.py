@@ -21,6 +21,7 @@ from cnnkit.device import ExecutionContext
 from cnnkit.evaluate.explain import explain_images
 from cnnkit.evaluate.metrics import ClassificationReport, classification_report
 from cnnkit.evaluate.multilabel import MultilabelReport, multilabel_report
+from cnnkit.evaluate.multilabel_page import write_multilabel_report
 from cnnkit.evaluate.plots import plot_confusion_matrix, plot_curves
 from cnnkit.evaluate.report import write_report
 from cnnkit.progress import progress
@@ -444,7 +445,10 @@ class Run:
         return files
 
     def report(self, split: str | None = None, gallery: int = 12) -> tuple[Path, Path]:
-        """Write report.html and report.json (see cnnkit.evaluate.report)."""
+        """Write report.html and report.json (see cnnkit.evaluate.report; multi-label runs:
+        evaluate/multilabel_page.py, ``gallery // 4`` of each kind of error per label)."""
+        if self.multilabel is not None:
+            return write_multilabel_report(self, split, max(1, gallery // 4))
         return write_report(self, split, gallery)
 
     def explain(self, images, layer: str | None = None) -> list[tuple[Prediction, object]]:
