@@ -2,13 +2,19 @@
 against values worked out by hand, per-label thresholds, the digit canvases."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cnnkit.cli import main
 from cnnkit.data.multilabel import digit_canvases, iterative_split, label_matrix, parse_labels
+from cnnkit.deploy import webapp
 from cnnkit.evaluate.multilabel import average_precision, fit_thresholds, multilabel_report
+
+# Where onnxruntime-web is, decided before any test points the user cache elsewhere.
+ORT_WEB = os.environ.get(webapp.ORT_WEB_ENV) or str(webapp._package_in(webapp.ort_web_cache_dir()))
 
 
 def test_label_cells_and_the_matrix():
@@ -146,7 +152,7 @@ def test_evaluate_and_predict_use_the_thresholds(canvas_run, tmp_path, capsys):
 def test_what_is_not_built_for_multilabel_says_so(canvas_run, capsys):
     run, _ = canvas_run
     for command in (
-        ["export", str(run.path), "--format", "webapp"],
+        ["export", str(run.path), "--quantize", "int8"],
         ["evaluate", str(run.path), "--tta"],
     ):
         assert main(command) == 1
@@ -217,3 +223,34 @@ def test_the_report_page_of_a_multilabel_run(canvas_run, capsys):
     assert "precision-recall curves" in page and "data:image/png;base64," in page
     errors = np.array(report["error_cooccurrence"])
     assert errors.shape == (10, 10) and errors.sum() > 0
+
+
+def test_the_web_app_shows_the_label_set_in_chromium(canvas_run, browser, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import cnnkit
+    from test_webapp import _classify
+
+    if webapp._missing_files(Path(ORT_WEB)):
+        pytest.skip("onnxruntime-web is not fetched (make ort-web)")
+    run, listing = canvas_run
+    out = tmp_path / "webapp"
+    webapp.export_webapp(run, out, ort_web=ORT_WEB, check_images=100)
+    config = json.loads((out / "config.json").read_text())
+    assert config["multilabel"]["thresholds"] == run.multilabel["thresholds"]
+    files = sorted((listing.parent / "test").glob("*.png"))[:8]
+    # the browser computes in float32: so does the reference
+    fp32 = cnnkit.load_run(run.path, device="cpu", precision="fp32")
+    expected = [
+        " + ".join(name for name, _ in p.labels) or "no label"
+        for p in fp32.predict([str(f) for f in files])
+    ]
+    with webapp.StaticServer(out) as server:
+        page = browser.new_page()
+        page.goto(server.url)
+        from playwright.sync_api import expect
+
+        expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=30_000)
+        shown = [_classify(page, f)[0] for f in files]
+        page.close()
+    assert shown == expected
+    assert any(" + " in s for s in shown) or any(s != "no label" for s in shown)

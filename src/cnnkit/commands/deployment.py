@@ -141,7 +141,6 @@ def _export_webapp(args) -> int:
     if args.layout != "nchw":
         raise ValueError("--layout is for --format onnx; the web app feeds the model NCHW")
     run = _load_for_export(args)
-    run.require_single_label("--format webapp")  # before the runtime is fetched
     out = Path(args.out) if args.out else run.path / "webapp"
     _check_writable(out.parent, "choose a writable place with --out DIR")
     check_output(out)  # not a folder of other files

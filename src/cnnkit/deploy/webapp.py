@@ -302,6 +302,8 @@ def _write_app(run, out: Path, package: Path, parity: dict) -> str:
         "val_accuracy": run.val_accuracy,
         # below its threshold the app answers "unknown" (runs/reject.py); null: no rule
         "rejection": _onnx_metadata(out / "model.onnx").get("rejection"),
+        # several labels per image: sigmoid outputs, each label over its own threshold
+        "multilabel": _onnx_metadata(out / "model.onnx").get("multilabel"),
         "parity": parity,
         "ort_web": {"version": version, "files": sorted(ORT_WEB_FILES.values())},
         "provenance": {
@@ -370,7 +372,6 @@ def export_webapp(
     """
     from .export import export_onnx
 
-    run.require_single_label("--format webapp")
     out = Path(output) if output else run.path / "webapp"
     check_output(out)
     package = Path(ort_web) if ort_web else ensure_ort_web()

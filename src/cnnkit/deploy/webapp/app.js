@@ -113,10 +113,19 @@ function unknownNote(probs, score) {
     `${value.toFixed(2)}, threshold ${rule.threshold.toFixed(2)}). Its best guesses:`;
 }
 
+// Several labels per image: every label at or over its own threshold, most probable first.
+function labelSet(probs) {
+  const t = config.multilabel.thresholds;
+  const over = Array.from(probs.keys()).filter(i => probs[i] >= t[i]);
+  over.sort((a, b) => probs[b] - probs[a]);
+  return over.map(i => config.classes[i]).join(" + ") || "no label";
+}
+
 function show(probs, ms, score) {
   const order = Array.from(probs.keys()).sort((a, b) => probs[b] - probs[a]).slice(0, TOP_K);
   const note = unknownNote(probs, score);
-  $("label").textContent = note ? "unknown" : config.classes[order[0]];
+  if (config.multilabel) $("label").textContent = labelSet(probs);
+  else $("label").textContent = note ? "unknown" : config.classes[order[0]];
   $("unknown").textContent = note || ""; $("unknown").hidden = !note;
   $("bars").innerHTML = "";
   for (const i of order) {
