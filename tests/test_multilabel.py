@@ -254,3 +254,28 @@ def test_the_web_app_shows_the_label_set_in_chromium(canvas_run, browser, tmp_pa
         page.close()
     assert shown == expected
     assert any(" + " in s for s in shown) or any(s != "no label" for s in shown)
+
+
+def test_the_doctor_checks_a_multilabel_list(tmp_path):
+    from PIL import Image
+
+    from cnnkit.data.doctor import check_dataset
+
+    rng = np.random.default_rng(0)
+    rows = ["path,labels"]
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+        labels = ["cat"] * (i % 2 == 0) + ["dog"] * (i % 3 == 0) + ["bird"] * (i in (5, 7))
+        rows.append(f"{i}.png,{';'.join(labels)}")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    report = check_dataset(tmp_path / "list.csv")
+    assert report.classes == ["bird", "cat", "dog"]
+    assert report.counts["all"] == [2, 20, 14]  # images holding each label
+    checks = {f.check: f for f in report.findings}
+    assert "bird" in checks["rare-labels"].message and checks["rare-labels"].level == "warning"
+    assert "cat+dog 7" in checks["co-occurrence"].message
+    # odd and not a multiple of 3: 13 of the 40, less 5 and 7 (bird)
+    assert checks["no-label"].message.startswith("11 images have no label")
+    assert "imbalance" not in checks  # class balance is not a multi-label finding

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cnnkit.progress import progress
 
@@ -277,7 +278,12 @@ def _count_findings(counts: dict[str, list[int]], classes: list[str]) -> list[Fi
 
 
 def _count(files: dict[str, list[tuple[Path, int]]], k: int) -> dict[str, list[int]]:
-    return {s: np.bincount([lb for _, lb in fs], minlength=k).tolist() for s, fs in files.items()}
+    """Images per class of each split; multi-label (label tuples): images holding each."""
+    out = {}
+    for s, fs in files.items():
+        flat = [c for _, lb in fs for c in (lb if isinstance(lb, tuple) else (lb,))]
+        out[s] = np.bincount(np.asarray(flat, dtype=np.int64), minlength=k).tolist()
+    return out
 
 
 def _outside(root: Path, paths: list[Path]) -> list[Path]:
@@ -341,16 +347,20 @@ def check_dataset(
     if is_shard_set(str(path)):
         return check_shards(str(path), near_bits)
     listing = list_images(path)
-    if any(fs and isinstance(fs[0][1], tuple) for fs in listing.splits.values()):
-        raise ValueError(
-            f"{path}: a multi-label list; 'datasets check' takes one class per image so far "
-            "(training prints its label counts, rare labels and co-occurrence)"
-        )
     root, classes = listing.root, listing.classes
     files = dict(listing.splits)  # a pool stays one split: duplicates in it leak on splitting
     items = [(p, split, lb) for split, fs in files.items() for p, lb in fs]
     facts = examine_files(items, workers)
-    counts, findings = _examined(facts, classes, root, near_bits)
+    multilabel = any(fs and isinstance(fs[0][1], tuple) for fs in files.values())
+    counts, findings = _examined(facts, classes, root, near_bits, per_class=not multilabel)
+    if multilabel:  # label sets: frequencies, rare labels, co-occurrence (not class balance)
+        targets = {}
+        for split, fs in files.items():
+            m = torch.zeros((len(fs), len(classes)))
+            for i, (_, labels) in enumerate(fs):
+                m[i, list(labels)] = 1
+            targets[split] = m
+        findings += multilabel_findings(classes, targets)
     findings = _by_level(_listing_findings(listing) + findings)
     return DoctorReport(str(root), classes, counts, findings)
 
@@ -375,9 +385,10 @@ def check_shards(name: str, near_bits: int = NEAR_DUPLICATE_BITS) -> DoctorRepor
 
 
 def _examined(
-    facts: list[FileFacts], classes: list[str], root: Path, near_bits: int
+    facts: list[FileFacts], classes: list[str], root: Path, near_bits: int, per_class=True
 ) -> tuple[dict[str, list[int]], list[Finding]]:
-    """(images per class of each split, the findings) of examined files or samples."""
+    """(images per class of each split, the findings) of examined files or samples;
+    ``per_class`` False (multi-label): without the class-balance findings."""
     findings: list[Finding] = []
     broken = [f for f in facts if f.error]
     if broken:
@@ -429,7 +440,8 @@ def _examined(
     for f in ok:
         ok_files[f.split].append((Path(f.path), f.label))
     counts = _count(ok_files, len(classes))
-    findings += _count_findings(counts, classes)
+    if per_class:
+        findings += _count_findings(counts, classes)
     findings += _duplicate_findings(facts, root, near_bits)
     return counts, _by_level(findings)
 
@@ -442,30 +454,33 @@ def _by_level(findings: list[Finding]) -> list[Finding]:
 RARE_LABEL = 10  # training images a label needs, at least, to be learnt at all
 
 
-def multilabel_findings(data) -> list[Finding]:
-    """A multi-label set's labels: how often each is present (training split), the labels
-    too rare to learn, those missing from a split, the most frequent pairs, and images with
-    no label."""
-    train = data.train.labels
+def multilabel_findings(classes: list[str], targets: dict[str, torch.Tensor]) -> list[Finding]:
+    """A multi-label set's labels, from each split's (N, K) 0/1 matrix (``train``, or
+    ``all`` before splitting): how often each is present, the labels too rare to learn,
+    those missing from the validation or test split, the most frequent pairs, and images
+    with no label."""
+    name = "train" if "train" in targets else "all"
+    train = targets[name].float()
     counts = train.sum(0).long().tolist()
     order = sorted(range(len(counts)), key=lambda k: -counts[k])
-    shown = ", ".join(f"{data.classes[k]} {counts[k]:,}" for k in order[:12])
+    shown = ", ".join(f"{classes[k]} {counts[k]:,}" for k in order[:12])
     more = f" (and {len(order) - 12} more)" if len(order) > 12 else ""
-    findings = [Finding("info", "labels", f"training images per label: {shown}{more}")]
-    rare = [data.classes[k] for k in order if counts[k] < RARE_LABEL]
+    what = "training images" if name == "train" else "images"
+    findings = [Finding("info", "labels", f"{what} per label: {shown}{more}")]
+    rare = [classes[k] for k in order if counts[k] < RARE_LABEL]
     if rare:
         findings.append(
             Finding(
                 "warning",
                 "rare-labels",
-                f"{len(rare)} label(s) on fewer than {RARE_LABEL} training images, too few to "
+                f"{len(rare)} label(s) on fewer than {RARE_LABEL} {what}, too few to "
                 f"learn: {', '.join(rare[:10])}; add images or remove the label",
             )
         )
     for split in ("val", "test"):
-        part = data.split(split) if data.count(split) else None
-        if part is not None:
-            missing = [data.classes[k] for k, n in enumerate(part.labels.sum(0)) if n == 0]
+        part = targets.get(split)
+        if part is not None and len(part):
+            missing = [classes[k] for k, n in enumerate(part.sum(0)) if n == 0]
             if missing:
                 findings.append(
                     Finding(
@@ -482,13 +497,11 @@ def multilabel_findings(data) -> list[Finding]:
         reverse=True,
     )[:5]
     if top and top[0][0]:
-        together = ", ".join(f"{data.classes[i]}+{data.classes[j]} {n:,}" for n, i, j in top if n)
+        together = ", ".join(f"{classes[i]}+{classes[j]} {n:,}" for n, i, j in top if n)
         findings.append(Finding("info", "co-occurrence", f"labels most often together: {together}"))
     empty = int((train.sum(1) == 0).sum())
     if empty:
-        findings.append(
-            Finding("info", "no-label", f"{empty:,} training images have no label (allowed)")
-        )
+        findings.append(Finding("info", "no-label", f"{empty:,} {what} have no label (allowed)"))
     return findings
 
 
@@ -498,7 +511,8 @@ def quick_check(data) -> list[Finding]:
     if data.files is None:
         return []
     if data.multilabel:
-        return multilabel_findings(data)
+        parts = {s: data.split(s).labels for s in ("train", "val", "test") if data.count(s)}
+        return multilabel_findings(data.classes, parts)
     root = Path(data.root)
     files = {s: [(root / f, lb) for f, lb in fs] for s, fs in data.files.items()}
     findings = _count_findings(_count(files, len(data.classes)), data.classes)
