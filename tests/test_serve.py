@@ -41,6 +41,7 @@ class StubPredictor(serve.Predictor):
         self.can_explain = False
         self.path = Path(path)  # the model's name in the inference protocol: "stub"
         self.rejection = Rejection("max_softmax", 0.5) if reject else None
+        self.thresholds = None  # one class per image
 
     def outputs(self, images: torch.Tensor) -> tuple[np.ndarray, None]:
         m = images.float().mean(dim=(1, 2, 3)) / 255

@@ -59,9 +59,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from cnnkit.evaluate.explain import explain_images
-from cnnkit.runs.inference import split_outputs
-from cnnkit.runs.inference import top_k as top_k_classes
-from cnnkit.runs.reject import UNKNOWN, Rejection
+from cnnkit.runs.inference import answer, unpack_outputs
+from cnnkit.runs.reject import Rejection
 from cnnkit.runs.run import load_run
 
 from .guard import (
@@ -143,7 +142,7 @@ class Predictor:
         # the "unknown" rule of the run or file (runs/reject.py); None: --reject off, or none
         self.rejection = Rejection.from_record(self.model.rejection) if reject else None
         # several labels per image: each label's threshold (its probability is a sigmoid)
-        multilabel = getattr(self.model, "multilabel", None)
+        multilabel = self.model.multilabel
         self.thresholds = np.asarray(multilabel["thresholds"]) if multilabel else None
         if self.thresholds is not None:
             self.can_explain = False  # Grad-CAM of one class: not for a label set yet
@@ -153,7 +152,7 @@ class Predictor:
 
     def outputs(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities, energy score or None) of a batch of uint8 images."""
-        return split_outputs(self.model.outputs(images))
+        return unpack_outputs(self.model.outputs(images))
 
     def rows(self, images: torch.Tensor) -> list[tuple[np.ndarray, float | None]]:
         """(probabilities, out-of-distribution score or None) of each image: what the
@@ -381,22 +380,11 @@ def _top_k_rows(
     """{"label", "top": [{"class", "probability"}, ...]} for each (probabilities, score)
     row, most probable first; with ``rejection``, "unknown" and "ood" too (the label is
     "unknown" below the threshold); with ``thresholds`` (multi-label), "labels": every label
-    over its own, and the label is their names joined by ';'."""
-    tops = top_k_classes(np.stack([p for p, _ in rows]), classes, k)
-    out = []
-    for top, (probs, score) in zip(tops, rows, strict=True):
-        row = {"label": top[0][0], "top": [{"class": c, "probability": p} for c, p in top]}
-        if thresholds is not None:
-            chosen = sorted(np.flatnonzero(probs >= thresholds), key=lambda j: -probs[j])
-            row["labels"] = [{"class": classes[j], "probability": float(probs[j])} for j in chosen]
-            row["label"] = ";".join(x["class"] for x in row["labels"])
-        if rejection is not None:
-            row["unknown"] = score < rejection.threshold
-            row["ood"] = {**rejection.to_dict(), "value": score}
-            if row["unknown"]:
-                row["label"] = UNKNOWN
-        out.append(row)
-    return out
+    over its own, and the label is their names joined by ';'. As ``predict`` answers."""
+    probs = np.stack([p for p, _ in rows])
+    values = [score for _, score in rows] if rejection is not None else None
+    answered = answer(probs, classes, k, rejection, values, thresholds)
+    return [{key: v for key, v in a.to_dict().items() if key != "source"} for a in answered]
 
 
 class Service:
@@ -498,7 +486,7 @@ class Service:
                 self.predictor.classes,
                 k,
                 self.predictor.rejection,
-                getattr(self.predictor, "thresholds", None),
+                self.predictor.thresholds,
             )
             for (i, _), row in zip(ready, rows, strict=True):
                 results[i].update(row)

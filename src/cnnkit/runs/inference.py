@@ -115,7 +115,7 @@ class Prediction:
         return d
 
 
-def split_outputs(out) -> tuple[np.ndarray, np.ndarray | None]:
+def unpack_outputs(out) -> tuple[np.ndarray, np.ndarray | None]:
     """(probabilities, energy or None) from what a model's output function returns: the
     probabilities alone, or (probabilities, energy)."""
     probs, energy = out if isinstance(out, tuple) else (out, None)
@@ -155,20 +155,41 @@ def predict_images(
         except ImageReadError as e:
             results.append(Prediction(source, [], error=str(e)))
     if batch:
-        probs, energy = split_outputs(outputs(torch.stack(batch)))
-        rows = top_k(probs, classes, top)
+        probs, energy = unpack_outputs(outputs(torch.stack(batch)))
         values = rejection.values(probs, energy) if rejection else None
-        for n, (i, row) in enumerate(zip(positions, rows, strict=True)):
-            results[i].top = row
-            if thresholds is not None:
-                present = np.flatnonzero(probs[n] >= np.asarray(thresholds))
-                chosen = sorted(present, key=lambda k: -probs[n][k])
-                results[i].labels = [(classes[k], float(probs[n][k])) for k in chosen]
-            if rejection is not None:
-                results[i].ood_score = float(values[n])
-                results[i].unknown = bool(values[n] < rejection.threshold)
-                results[i].rule = rejection.to_dict()
+        sources = [results[i].source for i in positions]
+        answered = answer(probs, classes, top, rejection, values, thresholds, sources)
+        for i, prediction in zip(positions, answered, strict=True):
+            results[i] = prediction
     return results
+
+
+def answer(
+    probs: np.ndarray,
+    classes: list[str],
+    top: int,
+    rejection: Rejection | None = None,
+    values=None,
+    thresholds=None,
+    sources: list[str] | None = None,
+) -> list[Prediction]:
+    """The Prediction of each row of (N, classes) probabilities: its ``top`` classes; with
+    ``rejection`` and each row's score (``values``), whether it is "unknown"; with
+    ``thresholds`` (multi-label, one per label), every label at or over its own. What
+    ``predict`` and the service both answer."""
+    out = []
+    for n, row in enumerate(top_k(probs, classes, top)):
+        prediction = Prediction(sources[n] if sources else "", row)
+        if thresholds is not None:
+            present = np.flatnonzero(probs[n] >= np.asarray(thresholds))
+            chosen = sorted(present, key=lambda k: -probs[n][k])
+            prediction.labels = [(classes[k], float(probs[n][k])) for k in chosen]
+        if rejection is not None:
+            prediction.ood_score = float(values[n])
+            prediction.unknown = bool(values[n] < rejection.threshold)
+            prediction.rule = rejection.to_dict()
+        out.append(prediction)
+    return out
 
 
 def predict_with(model, images, top_k: int = 5, reject: bool = True) -> list[Prediction]:
