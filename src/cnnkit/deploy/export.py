@@ -92,11 +92,16 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _run(session, images: np.ndarray, batch: int = 256) -> np.ndarray:
+def _run_outputs(session, images: np.ndarray, batch: int = 256) -> list[np.ndarray]:
+    """Every output of an ONNX Runtime session over ``images``, ``batch`` at a time."""
     name = session.get_inputs()[0].name
-    return np.concatenate(
-        [session.run(None, {name: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
-    )
+    parts = [session.run(None, {name: images[i : i + batch]}) for i in range(0, len(images), batch)]
+    return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
+
+def _run(session, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The first output (the probabilities) of a session over ``images``."""
+    return _run_outputs(session, images, batch)[0]
 
 
 def _model_inputs(run, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -154,14 +159,24 @@ def read_metadata(path: str | Path) -> dict:
 
 def parity(predict, wrapper: nn.Module, images: np.ndarray, layout: str = "nchw") -> dict:
     """Top-1 agreement and the largest probability difference between ``predict`` (an
-    exported file's runtime: images in ``layout`` -> probabilities) and PyTorch."""
-    exported = predict(_to_layout(images, layout))
-    reference = torch_probabilities(wrapper, _to_layout(images, layout))
-    return {
+    exported file's runtime: images in ``layout`` -> probabilities) and PyTorch. Where
+    ``predict`` gives every output of the file (a list) and the wrapper has a score too,
+    the largest difference of the ``ood_score`` relative to its size (at least 1) as well:
+    one run of each for both."""
+    x = _to_layout(images, layout)
+    exported = predict(x)
+    reference = torch_outputs(wrapper, x)
+    probs = exported[0] if isinstance(exported, list) else exported
+    check = {
         "images": len(images),
-        "top1_agreement": float((exported.argmax(1) == reference.argmax(1)).mean()),
-        "max_probability_difference": float(np.abs(exported - reference).max()),
+        "top1_agreement": float((probs.argmax(1) == reference[0].argmax(1)).mean()),
+        "max_probability_difference": float(np.abs(probs - reference[0]).max()),
     }
+    if isinstance(exported, list) and len(exported) > 1 and len(reference) > 1:
+        score, expected = exported[1], reference[1]
+        relative = np.abs(score - expected) / np.maximum(1, np.abs(expected))
+        check["max_score_difference"] = float(relative.max())
+    return check
 
 
 def torch_outputs(wrapper: nn.Module, images: np.ndarray, batch: int = 256) -> list[np.ndarray]:
@@ -176,18 +191,6 @@ def torch_outputs(wrapper: nn.Module, images: np.ndarray, batch: int = 256) -> l
 
 def torch_probabilities(wrapper: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
     return torch_outputs(wrapper, images, batch)[0]
-
-
-def score_difference(session, wrapper: nn.Module, images: np.ndarray, layout: str) -> float:
-    """The largest difference between the ONNX file's ``ood_score`` and PyTorch's energy,
-    relative to the score's size (at least 1)."""
-    x = _to_layout(images, layout)
-    name = session.get_inputs()[0].name
-    exported = np.concatenate(
-        [session.run(None, {name: x[i : i + 256]})[1] for i in range(0, len(x), 256)]
-    )
-    reference = torch_outputs(wrapper, x)[1]
-    return float((np.abs(exported - reference) / np.maximum(1, np.abs(reference))).max())
 
 
 def agrees(check: dict) -> bool:
@@ -273,7 +276,7 @@ def images_to_probabilities(
     """The run's model on the CPU behind its normalisation: what every export converts."""
     model = run.model.to("cpu").eval().to(memory_format=torch.contiguous_format)
     pre = run.preprocessing
-    multilabel = getattr(run, "multilabel", None) is not None
+    multilabel = run.multilabel is not None
     return ImagesToProbabilities(model, pre["mean"], pre["std"], layout, score, multilabel).eval()
 
 
@@ -324,7 +327,7 @@ def export_metadata(
     rejection = export_rejection(run, score_output, reject)
     if rejection:
         meta["rejection"] = rejection
-    if getattr(run, "multilabel", None) is not None:  # sigmoid outputs, a threshold each
+    if run.multilabel is not None:  # sigmoid outputs, a threshold each
         meta["multilabel"] = {
             "thresholds": run.multilabel["thresholds"],
             "fitted_on": run.multilabel.get("fitted_on"),
@@ -376,7 +379,7 @@ def export_onnx(
         raise ValueError(f"layout must be nchw or nhwc, got '{layout}'")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be int8, got '{quantize}'")
-    if quantize and getattr(run, "multilabel", None) is not None:
+    if quantize and run.multilabel is not None:
         raise ValueError("--quantize int8 is not built for multi-label runs yet; export fp32")
     path = Path(path) if path else run.path / "model.onnx"
     scored = bool(reject and run.rejection)
@@ -403,9 +406,8 @@ def export_onnx(
     val_images, val_labels = _model_inputs(run, "val", check_images)
     with progress("checking ONNX Runtime against PyTorch", None, "files"):
         session = _session(path)
-        check = parity(lambda x: _run(session, x), wrapper, val_images, layout)
-        if scored:
-            check["max_score_difference"] = score_difference(session, wrapper, val_images, layout)
+        # every output: the probabilities and, with the rule, the ood_score
+        check = parity(lambda x: _run_outputs(session, x), wrapper, val_images, layout)
     result = ExportResult(str(path), layout, check)
     if quantize == "int8" and agrees(check):
         result.int8_path = str(path.with_name(path.stem + "-int8.onnx"))
