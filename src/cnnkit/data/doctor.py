@@ -35,6 +35,7 @@ from .folder import (
     no_images_problem,
     not_a_file,
 )
+from .multilabel import targets_of
 
 MIN_PER_CLASS = 10  # fewer training images than this per class rarely gives a usable model
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this: consider --class-weights auto
@@ -354,12 +355,10 @@ def check_dataset(
     multilabel = any(fs and isinstance(fs[0][1], tuple) for fs in files.values())
     counts, findings = _examined(facts, classes, root, near_bits, per_class=not multilabel)
     if multilabel:  # label sets: frequencies, rare labels, co-occurrence (not class balance)
-        targets = {}
-        for split, fs in files.items():
-            m = torch.zeros((len(fs), len(classes)))
-            for i, (_, labels) in enumerate(fs):
-                m[i, list(labels)] = 1
-            targets[split] = m
+        targets = {
+            split: torch.from_numpy(targets_of([labels for _, labels in fs], len(classes)))
+            for split, fs in files.items()
+        }
         findings += multilabel_findings(classes, targets)
     findings = _by_level(_listing_findings(listing) + findings)
     return DoctorReport(str(root), classes, counts, findings)

@@ -60,7 +60,7 @@ from .builtin import data_roots, user_cache_dir
 from .corrections import apply_to_files
 from .decode import GRAYSCALE_MODES, ImageReadError, image_header, open_image, resize_and_crop
 from .memory import DataSplits, ImageTensors, channel_stats, stratified_split, stratified_subset
-from .multilabel import iterative_split, parse_labels
+from .multilabel import iterative_split, parse_labels, targets_of
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -643,11 +643,8 @@ def _is_multilabel(files: list) -> bool:
 
 
 def _label_targets(files: list, classes: int) -> np.ndarray:
-    """(N, K) 0/1 matrix of a multi-label split's label tuples."""
-    out = np.zeros((len(files), classes), dtype=np.float32)
-    for i, (_, labels) in enumerate(files):
-        out[i, list(labels)] = 1
-    return out
+    """(N, K) 0/1 matrix of a multi-label split's (file, label tuple) entries."""
+    return targets_of([labels for _, labels in files], classes)
 
 
 def _split_indices(labels, val_split: float, test_split: float, seed: int, classes: int = 0):
@@ -656,7 +653,7 @@ def _split_indices(labels, val_split: float, test_split: float, seed: int, class
     if isinstance(labels, list):  # multi-label: the label tuples
         train_share = 1 - val_split - test_split
         parts = iterative_split(
-            _label_targets([(None, lb) for lb in labels], classes),
+            targets_of(labels, classes),
             [train_share, val_split, test_split],
             seed,
         )

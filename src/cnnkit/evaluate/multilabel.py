@@ -47,6 +47,17 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def label_average_precisions(
+    probs: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, float | None]:
+    """Each label's AP (NaN without a positive image) and the macro mAP, their mean over
+    the labels that have one (None where none has)."""
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets).astype(bool)
+    ap = np.array([average_precision(probs[:, k], targets[:, k]) for k in range(probs.shape[1])])
+    with_positives = ~np.isnan(ap)
+    return ap, float(ap[with_positives].mean()) if with_positives.any() else None
+
+
 def fit_thresholds(probs: np.ndarray, targets: np.ndarray, default: float = 0.5) -> np.ndarray:
     """Per label, the threshold with the highest F1 on these images: halfway between the
     lowest probability it calls positive and the next lower one (the highest threshold
@@ -80,7 +91,7 @@ def multilabel_report(
         precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
         recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    ap = np.array([average_precision(probs[:, k], targets[:, k]) for k in range(len(classes))])
+    ap, macro_ap = label_average_precisions(probs, targets)
     both = (predicted & targets).sum(1)
     sizes = predicted.sum(1) + targets.sum(1)
     example_f1 = np.where(sizes > 0, 2 * both / np.maximum(sizes, 1), 1.0)
@@ -99,11 +110,10 @@ def multilabel_report(
         }
         for k, c in enumerate(classes)
     }
-    with_positives = ~np.isnan(ap)
     return {
         "task": "multilabel",
         "num_images": int(len(probs)),
-        "mAP": float(ap[with_positives].mean()) if with_positives.any() else None,
+        "mAP": macro_ap,
         "mAP_micro": average_precision(probs.ravel(), targets.ravel()),
         "example_f1": float(example_f1.mean()),
         "hamming_loss": float((predicted != targets).mean()),

@@ -202,13 +202,9 @@ def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def mean_average_precision(probs: torch.Tensor, targets: torch.Tensor) -> float | None:
     """Macro mAP over the labels with a positive image (evaluate/multilabel.py)."""
-    from cnnkit.evaluate.multilabel import average_precision
+    from cnnkit.evaluate.multilabel import label_average_precisions
 
-    aps = [
-        average_precision(probs[:, k].numpy(), targets[:, k].numpy()) for k in range(probs.shape[1])
-    ]
-    aps = [a for a in aps if a == a]  # NaN: a label with no positive image here
-    return sum(aps) / len(aps) if aps else None
+    return label_average_precisions(probs.numpy(), targets.numpy())[1]
 
 
 def positive_weights(targets: torch.Tensor) -> torch.Tensor:
