@@ -292,6 +292,7 @@ def _write_app(run, out: Path, package: Path, parity: dict) -> str:
         ],
     }
     (out / "manifest.webmanifest").write_text(json.dumps(manifest, indent=2))
+    exported = _onnx_metadata(out / "model.onnx")  # what export_onnx wrote into the file
     config = {
         "format": FORMAT,
         "title": title,
@@ -301,9 +302,9 @@ def _write_app(run, out: Path, package: Path, parity: dict) -> str:
         "model": {"file": "model.onnx", **_model_io(out / "model.onnx")},
         "val_accuracy": run.val_accuracy,
         # below its threshold the app answers "unknown" (runs/reject.py); null: no rule
-        "rejection": _onnx_metadata(out / "model.onnx").get("rejection"),
+        "rejection": exported.get("rejection"),
         # several labels per image: sigmoid outputs, each label over its own threshold
-        "multilabel": _onnx_metadata(out / "model.onnx").get("multilabel"),
+        "multilabel": exported.get("multilabel"),
         "parity": parity,
         "ort_web": {"version": version, "files": sorted(ORT_WEB_FILES.values())},
         "provenance": {

@@ -71,18 +71,10 @@ def calibrate_run(run_dir: str | Path, quiet: bool = False) -> dict | None:
     """Fit T on the validation split of the run's best.pt and fold it in (best.pt is
     rewritten, atomically). The checkpoint's calibration record, or None when the run has
     no validation split to fit on."""
-    from cnnkit.progress import silenced
-
-    from .run import load_run
-
-    run = load_run(run_dir, weights="best", device="cpu")
-    if run.checkpoint_path.name != "best.pt":
-        return None  # no epoch was validated
-    data = run.data()
-    if not data.count("val"):
+    validated = _validated(run_dir, quiet, "calibrating")
+    if validated is None:
         return None
-    with silenced() if quiet else contextlib.nullcontext():
-        outputs = run.split_outputs(data, "val", progress_label="calibrating")
+    run, data, outputs = validated
     logits, labels = outputs.logits.float().cpu(), outputs.labels.cpu()
     layer = final_linear(run.model, len(run.classes))
     if layer is None:
@@ -112,7 +104,7 @@ def calibrate_run(run_dir: str | Path, quiet: bool = False) -> dict | None:
             "nll_before": previous.get("nll_before", nll_before),
             "nll_after": nll_before,
         }
-        _save_record(run.checkpoint_path, record)
+        _save_record(run.checkpoint_path, "calibration", record)
         return record
     name, linear = layer
     sample = data.split("val").images[:64] if data.streamed is None else None
@@ -156,9 +148,29 @@ def _fp32_logits(run, images: torch.Tensor) -> torch.Tensor:
     return run.model(run.normalizer(images.to(run.device))).float()
 
 
-def _save_record(path: Path, record: dict) -> None:
+def _validated(run_dir: str | Path, quiet: bool, label: str):
+    """(the run with best.pt on the CPU, its data, the outputs of its validation split,
+    with progress under ``label``), or None when no epoch was validated or there is no
+    validation split to fit on."""
+    from cnnkit.progress import silenced
+
+    from .run import load_run
+
+    run = load_run(run_dir, weights="best", device="cpu")
+    if run.checkpoint_path.name != "best.pt":
+        return None  # no epoch was validated
+    data = run.data()
+    if not data.count("val"):
+        return None
+    with silenced() if quiet else contextlib.nullcontext():
+        outputs = run.split_outputs(data, "val", progress_label=label)
+    return run, data, outputs
+
+
+def _save_record(path: Path, key: str, record: dict) -> None:
+    """``record`` stored in the checkpoint at ``path`` under ``key`` (atomically)."""
     payload = load_checkpoint(path)
-    payload["calibration"] = record
+    payload[key] = record
     save_checkpoint(path, payload)
 
 
@@ -166,24 +178,14 @@ def fit_unknown_threshold(run_dir: str | Path, quiet: bool = False) -> dict | No
     """Fit the "unknown" threshold (runs/reject.py) on the validation split of the run's
     best.pt, after its calibration, and store it there (atomically). The record, or None
     without a validation split."""
-    from cnnkit.progress import silenced
-
-    from .run import load_run
-
-    run = load_run(run_dir, weights="best", device="cpu")
-    if run.checkpoint_path.name != "best.pt":
+    validated = _validated(run_dir, quiet, "fitting the unknown threshold")
+    if validated is None:
         return None
-    data = run.data()
-    if not data.count("val"):
-        return None
-    with silenced() if quiet else contextlib.nullcontext():
-        outputs = run.split_outputs(data, "val", progress_label="fitting the unknown threshold")
+    run, _, outputs = validated
     record = fit_rejection(outputs.logits.float().cpu(), run.config.train.accept)
     val = scores(outputs.logits)[record["score"]]
     record["val_rejected"] = float((val < record["threshold"]).double().mean())
-    payload = load_checkpoint(run.checkpoint_path)
-    payload["rejection"] = record
-    save_checkpoint(run.checkpoint_path, payload)
+    _save_record(run.checkpoint_path, "rejection", record)
     return record
 
 
@@ -218,7 +220,5 @@ def fit_label_thresholds(run_dir: str | Path, quiet: bool = False) -> dict:
                 "macro_f1"
             ],
         }
-    payload = load_checkpoint(run.checkpoint_path)
-    payload["multilabel"] = record
-    save_checkpoint(run.checkpoint_path, payload)
+    _save_record(run.checkpoint_path, "multilabel", record)
     return record

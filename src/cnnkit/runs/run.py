@@ -392,23 +392,12 @@ class Run:
         )
         if save:
             payload = {
-                "run": str(self.path),
-                "data": data_name,
-                "model": self.config.model.name,
-                "weights_epoch": self.checkpoint_info["epoch"],
-                "checkpoint": self.checkpoint_ref,
-                "split_reason": choice.reason,
-                "caveat": choice.caveat,
+                **self._evaluation_facts(data_name, choice),
                 "thresholds_fitted_on": self.multilabel.get("fitted_on"),
                 **report.to_dict(),
             }
             (self.path / f"eval-{choice.split}.json").write_text(json.dumps(payload, indent=2))
-            if self.history:
-                plot_curves(
-                    self.history,
-                    f"{self.path.name}: {self.config.model.name} on {data_name}",
-                    self.path / "curves.png",
-                )
+            self._plot_curves(data_name)
         return report
 
     def save_evaluation(
@@ -417,16 +406,7 @@ class Run:
         """eval-<split>.json, confusion_matrix.png and (with a history) curves.png."""
         choice = choice or self.choose_split(report.split)
         files = {"json": self.path / f"eval-{report.split}.json"}
-        payload = {
-            "run": str(self.path),
-            "data": data_name,
-            "model": self.config.model.name,
-            "weights_epoch": self.checkpoint_info["epoch"],
-            "checkpoint": self.checkpoint_ref,  # so a newer checkpoint shows this is stale
-            "split_reason": choice.reason,
-            "caveat": choice.caveat,
-            **report.to_dict(),
-        }
+        payload = {**self._evaluation_facts(data_name, choice), **report.to_dict()}
         files["json"].write_text(json.dumps(payload, indent=2))
         files["confusion_matrix"] = plot_confusion_matrix(
             report.confusion_matrix,
@@ -435,14 +415,34 @@ class Run:
             f"accuracy {report.accuracy:.2%}",
             self.path / "confusion_matrix.png",
         )
-        history = self.history  # metrics.csv, read once
-        if history:
-            files["curves"] = plot_curves(
-                history,
-                f"{self.path.name}: {self.config.model.name} on {data_name}",
-                self.path / "curves.png",
-            )
+        curves = self._plot_curves(data_name)
+        if curves is not None:
+            files["curves"] = curves
         return files
+
+    def _evaluation_facts(self, data_name: str, choice: SplitChoice) -> dict:
+        """What every eval-<split>.json says first: the run, its data and weights, and why
+        this split."""
+        return {
+            "run": str(self.path),
+            "data": data_name,
+            "model": self.config.model.name,
+            "weights_epoch": self.checkpoint_info["epoch"],
+            "checkpoint": self.checkpoint_ref,  # so a newer checkpoint shows this is stale
+            "split_reason": choice.reason,
+            "caveat": choice.caveat,
+        }
+
+    def _plot_curves(self, data_name: str) -> Path | None:
+        """curves.png from metrics.csv (read once); None without a history."""
+        history = self.history
+        if not history:
+            return None
+        return plot_curves(
+            history,
+            f"{self.path.name}: {self.config.model.name} on {data_name}",
+            self.path / "curves.png",
+        )
 
     def report(self, split: str | None = None, gallery: int = 12) -> tuple[Path, Path]:
         """Write report.html and report.json (see cnnkit.evaluate.report; multi-label runs:
