@@ -34,9 +34,8 @@ def cmd_export(args) -> int:
         q = result.int8
         speed = q["images_per_s"]["batch_32"]
         print(
-            f"wrote {result.int8_path}: accuracy {q['accuracy_int8']:.2%} vs "
-            f"{q['accuracy_fp32']:.2%} fp32 ({q['accuracy_change_points']:+.2f} points); "
-            f"images/s at batch 32: torch {speed['torch']:,}, ONNX fp32 "
+            f"wrote {result.int8_path}: {_int8_quality(q)}; images/s at batch 32: torch "
+            f"{speed['torch']:,}, ONNX fp32 "
             f"{speed['onnx_fp32']:,}, int8 {speed['onnx_int8']:,}; size "
             f"{q['size_bytes']['fp32'] / 1e6:.2f} -> {q['size_bytes']['int8'] / 1e6:.2f} MB"
         )
@@ -45,6 +44,20 @@ def cmd_export(args) -> int:
     made = [Path(f) for f in (result.path, details, result.int8_path) if f]
     _log_to_mlflow(run.path, made, "export")
     return 0
+
+
+def _int8_quality(q: dict) -> str:
+    """How the int8 file scores beside the float one: accuracy, or mAP and label sets."""
+    if "mAP_int8" in q:
+        return (
+            f"mAP {q['mAP_int8']:.4f} vs {q['mAP_fp32']:.4f} fp32, example F1 "
+            f"{q['example_f1_int8']:.4f} vs {q['example_f1_fp32']:.4f}, the same label set for "
+            f"{q['label_set_agreement_with_fp32']:.2%} of {q['images']:,} validation images"
+        )
+    return (
+        f"accuracy {q['accuracy_int8']:.2%} vs {q['accuracy_fp32']:.2%} fp32 "
+        f"({q['accuracy_change_points']:+.2f} points)"
+    )
 
 
 def _load_for_export(args):

@@ -38,7 +38,7 @@ def cmd_evaluate(args) -> int:
         print(json.dumps({**report.to_dict(), "split_choice": choice.to_dict()}, indent=2))
         return 0
     if run.multilabel is not None:
-        return _print_multilabel(run, report, choice)
+        return _print_multilabel(run, report, choice, plain if args.tta else None)
     con = _console()
     epoch = run.checkpoint_info["epoch"]
     con.print(
@@ -95,8 +95,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _print_multilabel(run, report, choice) -> int:
-    """evaluate's table for a multi-label run: mAP and the decisions at its thresholds."""
+def _score_text(value: float | None) -> str:
+    """An AP or mAP to 4 places; 'n/a' where no image had the label."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _print_multilabel(run, report, choice, plain=None) -> int:
+    """evaluate's table for a multi-label run: mAP and the decisions at its thresholds;
+    ``plain``: the report without test-time augmentation, for comparison."""
     m = report.metrics
     print(
         f"{run.path}: {run.config.model.name}, {report.split} split ({choice.reason}), "
@@ -104,7 +110,7 @@ def _print_multilabel(run, report, choice) -> int:
     )
     fitted = run.multilabel.get("fitted_on")
     where = "fitted on the validation split" if fitted else "one for all (--threshold)"
-    mean_ap = "n/a" if m["mAP"] is None else f"{m['mAP']:.4f}"
+    mean_ap = _score_text(m["mAP"])
     print(
         f"mAP {mean_ap} (macro; micro {m['mAP_micro']:.4f})  at the thresholds ({where}): "
         f"example F1 {m['example_f1']:.4f}, Hamming loss {m['hamming_loss']:.4f}, subset "
@@ -112,10 +118,9 @@ def _print_multilabel(run, report, choice) -> int:
     )
     t = _table(None, "label", "AP", "precision", "recall", "f1", "threshold", "support")
     for name, r in m["per_label"].items():
-        ap = "n/a" if r["ap"] is None else f"{r['ap']:.4f}"
         t.add_row(
             name,
-            ap,
+            _score_text(r["ap"]),
             f"{r['precision']:.4f}",
             f"{r['recall']:.4f}",
             f"{r['f1']:.4f}",
@@ -123,6 +128,13 @@ def _print_multilabel(run, report, choice) -> int:
             f"{r['support']:,}",
         )
     _console().print(t)
+    if plain is not None:
+        before = plain.metrics
+        print(
+            f"test-time augmentation: mAP {mean_ap} vs {_score_text(before['mAP'])} plain, "
+            f"example F1 {m['example_f1']:.4f} vs {before['example_f1']:.4f} (the table "
+            "shows the TTA numbers)"
+        )
     print(f"wrote {run.path / f'eval-{report.split}.json'}")
     return 0
 

@@ -10,7 +10,11 @@ Layouts ``--data PATH`` accepts:
   ``split`` with train/val/test), paths relative to the file;
 - a multi-label list: the same with the header ``path,labels``, each cell holding the
   image's labels separated by ``;`` (``cat;dog``), an empty cell for none
-  (data/multilabel.py); its split is iterative stratification over the label sets.
+  (data/multilabel.py); its split is iterative stratification over the label sets. With
+  ``split`` given, a label on a val or test row but on no training row is refused;
+- a folder holding such a list as ``labels.csv`` (or ``labels.tsv``), or whose ``train/``,
+  ``val/`` and ``test/`` folders each hold one (paths relative to each file; the split is
+  the folder's).
 
 Decoding JPEGs is the main cost on a CPU, so each image is decoded once, at the size
 training uses, into a uint8 array cached on disk (keyed by the files' content and the size)
@@ -60,7 +64,7 @@ from .builtin import data_roots, user_cache_dir
 from .corrections import apply_to_files
 from .decode import GRAYSCALE_MODES, ImageReadError, image_header, open_image, resize_and_crop
 from .memory import DataSplits, ImageTensors, channel_stats, stratified_split, stratified_subset
-from .multilabel import iterative_split, parse_labels, targets_of
+from .multilabel import SEPARATOR, iterative_split, parse_labels, targets_of
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -202,7 +206,10 @@ def _lines_have(lines: list[int], what: str) -> str:
     return f"lines {shown}{more} have {what}"
 
 
-def _read_csv(path: Path) -> FileList:
+def _csv_rows(path: Path, split: str | None = None) -> tuple[list[tuple], bool]:
+    """The (line, path, label cell, split) rows of a CSV/TSV list, and whether it is a
+    multi-label list (header ``path,labels``). ``split``: every row's split (a labels file
+    inside a train/, val/ or test/ folder)."""
     text = _read_text(path)
     dialect = (
         "excel-tab" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n")[0] else "excel"
@@ -229,8 +236,8 @@ def _read_csv(path: Path) -> FileList:
     has_header = has_header or multilabel
     body = rows[1:] if has_header else rows
     split_col = header.index("split") if has_header and "split" in header else None
-    entries: list[tuple[Path, str, str]] = []
-    no_label, no_path = [], []
+    entries: list[tuple[int, Path, str, str]] = []
+    no_label, no_path, several = [], [], []
     for n, r in zip(line_of[1:] if has_header else line_of, body, strict=True):
         if len(r) < 2:
             raise ValueError(f"{path}, line {n}: expected path,label, got {r!r}")
@@ -238,14 +245,16 @@ def _read_csv(path: Path) -> FileList:
             no_path.append(n)
         if not r[1].strip() and not multilabel:  # in a multi-label list: no label
             no_label.append(n)
-        split = "all"
+        if SEPARATOR in r[1] and not multilabel:
+            several.append(n)
+        row_split = split or "all"
         if split_col is not None:
-            split = SPLIT_NAMES.get(r[split_col].strip().lower(), "")
-            if not split:
+            row_split = SPLIT_NAMES.get(r[split_col].strip().lower(), "")
+            if not row_split:
                 raise ValueError(
                     f"{path}, line {n}: split must be train, val or test, got '{r[split_col]}'"
                 )
-        entries.append(((path.parent / r[0].strip()), r[1].strip(), split))
+        entries.append((n, path.parent / r[0].strip(), r[1].strip(), row_split))
     # An empty label would make a class named '', an empty path would name the folder.
     if no_label or no_path:
         problems = [_lines_have(no_label, "an empty label")] if no_label else []
@@ -254,25 +263,77 @@ def _read_csv(path: Path) -> FileList:
             f"{path}: {'; '.join(problems)}; give every row a path and its class, or delete "
             "those rows"
         )
+    if several:
+        problem = _lines_have(several, f"a '{SEPARATOR}' in the label")
+        raise ValueError(
+            f"{path}: {problem}; for several "
+            "labels per image, name the columns path,labels (a multi-label list)"
+        )
+    return entries, multilabel
+
+
+def _refuse_labels_unseen_in_training(rows: list[tuple], sets: list[list[str]]) -> None:
+    """A label on a val or test row but on no training row could never be learned.
+    ``rows``: (line, path, label cell, split, list file); ``sets``: their labels."""
+    known = {x for r, labels in zip(rows, sets, strict=True) if r[3] == "train" for x in labels}
+    for (line, _, _, split, list_file), labels in zip(rows, sets, strict=True):
+        for label in labels:
+            if split in ("val", "test") and label not in known:
+                raise ValueError(
+                    f"{list_file}, line {line}: label '{label}' is on a {split} image but on "
+                    "no training image; add training images with it, or fix the row"
+                )
+
+
+def _file_list(root: Path, rows: list[tuple], multilabel: bool, list_file: Path) -> FileList:
+    """The FileList of (line, path, label cell, split, list file) rows."""
     # Only regular files are read: a FIFO would block the decoder (and the content hash).
-    skipped = [(p, why) for p, _, _ in entries if (why := not_a_file(p))]
+    skipped = [(r[1], why) for r in rows if (why := not_a_file(r[1]))]
     if skipped:
         dropped = {p for p, _ in skipped}
-        entries = [e for e in entries if e[0] not in dropped]
+        rows = [r for r in rows if r[1] not in dropped]
+    splits: dict[str, list] = {}
     if multilabel:
-        sets = [parse_labels(label) for _, label, _ in entries]
+        sets = [parse_labels(r[2]) for r in rows]
+        if {r[3] for r in rows} != {"all"}:
+            _refuse_labels_unseen_in_training(rows, sets)
         classes = sorted({name for labels in sets for name in labels})
         index = {c: i for i, c in enumerate(classes)}
-        splits = {}
-        for (p, _, split), labels in zip(entries, sets, strict=True):
-            splits.setdefault(split, []).append((p, tuple(sorted(index[x] for x in labels))))
-        return FileList(path.parent, classes, splits, skipped=skipped, list_file=path)
-    classes = sorted({label for _, label, _ in entries})
+        for r, labels in zip(rows, sets, strict=True):
+            splits.setdefault(r[3], []).append((r[1], tuple(sorted(index[x] for x in labels))))
+        return FileList(root, classes, splits, skipped=skipped, list_file=list_file)
+    classes = sorted({r[2] for r in rows})
     index = {c: i for i, c in enumerate(classes)}
-    splits: dict[str, list[tuple[Path, int]]] = {}
-    for p, label, split in entries:
-        splits.setdefault(split, []).append((p, index[label]))
-    return FileList(path.parent, classes, splits, skipped=skipped, list_file=path)
+    for r in rows:
+        splits.setdefault(r[3], []).append((r[1], index[r[2]]))
+    return FileList(root, classes, splits, skipped=skipped, list_file=list_file)
+
+
+def _read_csv(path: Path) -> FileList:
+    rows, multilabel = _csv_rows(path)
+    return _file_list(path.parent, [(*r, path) for r in rows], multilabel, path)
+
+
+LABELS_FILES = ("labels.csv", "labels.tsv")
+
+
+def _labels_file(folder: Path) -> Path | None:
+    return next((folder / n for n in LABELS_FILES if (folder / n).is_file()), None)
+
+
+def _read_labels_files(root: Path, files: dict[str, Path]) -> FileList:
+    """A folder whose train/, val/ and test/ each hold a labels file: one list."""
+    rows, kinds = [], set()
+    for split, labels_file in files.items():
+        split_rows, multilabel = _csv_rows(labels_file, split)
+        rows += [(*r, labels_file) for r in split_rows]
+        kinds.add(multilabel)
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{root}: some labels files have the header path,labels and some do not; give "
+            "them all the same columns"
+        )
+    return _file_list(root, rows, kinds.pop(), next(iter(files.values())))
 
 
 def find_data_path(path: str | Path) -> Path:
@@ -300,7 +361,16 @@ def list_images(path: str | Path) -> FileList:
             f"list file in the working directory{where}; give its path, or add the "
             "directory that holds it to $CNNKIT_DATA"
         )
+    if labels_file := _labels_file(path):
+        return _read_csv(labels_file)
     subdirs = {d.name.lower(): d for d in path.iterdir() if d.is_dir() and not _is_hidden(d)}
+    split_labels = {
+        SPLIT_NAMES[name]: f
+        for name, d in subdirs.items()
+        if name in SPLIT_NAMES and (f := _labels_file(d))
+    }
+    if "train" in split_labels:
+        return _read_labels_files(path, split_labels)
     ignored: list[tuple[Path, str]] = []
     skipped: list[tuple[Path, str]] = []
     if "train" in subdirs:

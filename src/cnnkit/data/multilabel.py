@@ -40,21 +40,6 @@ def targets_of(label_sets: list[tuple[int, ...]], classes: int) -> np.ndarray:
     return out
 
 
-def label_matrix(label_sets: list[list[str]], classes: list[str]) -> np.ndarray:
-    """(N, K) uint8 matrix of label names: 1 where the image has the label. A label outside
-    ``classes`` is refused, naming it (an unknown label in the validation list, say)."""
-    index = {c: k for k, c in enumerate(classes)}
-    for labels in label_sets:
-        for label in labels:
-            if label not in index:
-                raise ValueError(
-                    f"label '{label}' is not one of the {len(classes)} labels of the training "
-                    "images; fix the row, or add training images with it"
-                )
-    indices = [tuple(index[label] for label in labels) for labels in label_sets]
-    return targets_of(indices, len(classes)).astype(np.uint8)
-
-
 def iterative_split(targets: np.ndarray, fractions: list[float], seed: int = 0) -> list[np.ndarray]:
     """Indices of each part, ``fractions`` of the images each (summing to 1), by iterative
     stratification over the (N, K) 0/1 ``targets``; seeded, sorted."""

@@ -270,7 +270,8 @@ class Run:
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Log of the mean probability over test-time views: the image, four shifts by
-        1/14 of its size (2 px on 28x28) and, when training flipped images, its mirror."""
+        1/14 of its size (2 px on 28x28) and, when training flipped images, its mirror.
+        Multi-label: the logit of each label's mean sigmoid probability."""
         import torch.nn.functional as F
 
         views = [images]
@@ -285,6 +286,9 @@ class Run:
             and self.preprocessing.get("channels", 3) != 1  # grayscale folders: no flips
         ):
             views.append(images.flip(-1))
+        if self.multilabel is not None:
+            probs = sum(self.logits(v).sigmoid() for v in views) / len(views)
+            return probs.clamp(1e-12, 1 - 1e-7).logit()
         probs = sum(self.logits(v).softmax(1) for v in views) / len(views)
         return probs.clamp_min(1e-12).log()
 
@@ -294,8 +298,6 @@ class Run:
         """Logits over every image of ``split`` (``tta``: over test-time views), with
         progress. A streamed split is decoded by worker processes a chunk at a time, so
         only its logits are held, never its images."""
-        if tta:
-            self.require_single_label("--tta")
         forward = self.tta_logits if tta else self.logits
         streamed = data.streamed
         if streamed is None:
