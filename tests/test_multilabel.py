@@ -56,10 +56,27 @@ def test_labels_files_in_folders_and_labels_never_trained(tmp_path):
     listed.write_text("path,labels,split\nflat/a.png,cat,train\nflat/b.png,dog,test\n")
     with pytest.raises(ValueError, match="line 3: label 'dog' is on a test image but on no"):
         list_images(listed)
-    # several labels in a single-label list's cell: pointed at the multi-label header
+    # several labels in a single-label list's cell: pointed at the multi-label header, or
+    # read as label sets with --task multilabel
     listed.write_text("path,label\nflat/a.png,cat;dog\nflat/b.png,dog\n")
     with pytest.raises(ValueError, match="line 2 has a ';' in the label; .* path,labels"):
         list_images(listed)
+    assert list_images(listed, task="multilabel").splits["all"][0][1] == (0, 1)
+    with pytest.raises(ValueError, match="--task single, but the header path,labels"):
+        list_images(tmp_path / "flat", task="single")
+    with pytest.raises(ValueError, match="--task multilabel, but a folder of class folders"):
+        (tmp_path / "flat" / "labels.csv").unlink()
+        _images(tmp_path / "flat" / "cat", ["d.png"])
+        _images(tmp_path / "flat" / "dog", ["e.png"])
+        list_images(tmp_path / "flat", task="multilabel")
+
+
+def test_shards_refuse_a_multilabel_list(tmp_path, capsys):
+    _images(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "labels.csv").write_text("path,labels\na.png,cat;dog\nb.png,\n")
+    assert main(["datasets", "pack", str(tmp_path), str(tmp_path / "shards")]) == 1
+    assert "hold one class per image, not yet a multi-label list" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
 
 
 def test_average_precision_by_hand():

@@ -85,6 +85,13 @@ class DataConfig:
     exclude: str | None = setting(
         None, "a CSV whose file column lists images to leave out (e.g. an edited audit.csv)"
     )
+    task: str = setting(
+        "auto",
+        "one class per image (single) or a set of labels (multilabel); auto: a list with the "
+        "header path,labels is multi-label; multilabel also reads a path,label list's cells "
+        "as ';'-separated label sets",
+        choices=("auto", "single", "multilabel"),
+    )
     image_size: int | None = setting(
         None,
         "model input size for folder data sets (default: the backbone's; from scratch, "

@@ -94,6 +94,11 @@ class FileList:
     def file_count(self) -> int:
         return sum(len(files) for files in self.splits.values())
 
+    @property
+    def multilabel(self) -> bool:
+        """A multi-label list: label tuples in place of class indices."""
+        return any(map(_is_multilabel, self.splits.values()))
+
 
 def _is_hidden(p: Path) -> bool:
     return p.name.startswith(".")
@@ -206,10 +211,10 @@ def _lines_have(lines: list[int], what: str) -> str:
     return f"lines {shown}{more} have {what}"
 
 
-def _csv_rows(path: Path, split: str | None = None) -> tuple[list[tuple], bool]:
+def _csv_rows(path: Path, split: str | None = None, task: str = "auto") -> tuple[list[tuple], bool]:
     """The (line, path, label cell, split) rows of a CSV/TSV list, and whether it is a
-    multi-label list (header ``path,labels``). ``split``: every row's split (a labels file
-    inside a train/, val/ or test/ folder)."""
+    multi-label list (header ``path,labels``, or ``task`` multilabel). ``split``: every
+    row's split (a labels file inside a train/, val/ or test/ folder)."""
     text = _read_text(path)
     dialect = (
         "excel-tab" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n")[0] else "excel"
@@ -234,6 +239,12 @@ def _csv_rows(path: Path, split: str | None = None) -> tuple[list[tuple], bool]:
     )
     multilabel = header[:2] in (["path", "labels"], ["file", "labels"], ["image", "labels"])
     has_header = has_header or multilabel
+    if multilabel and task == "single":
+        raise ValueError(
+            f"{path}: --task single, but the header path,labels makes it a multi-label list; "
+            "drop --task, or name the column label"
+        )
+    multilabel = multilabel or task == "multilabel"
     body = rows[1:] if has_header else rows
     split_col = header.index("split") if has_header and "split" in header else None
     entries: list[tuple[int, Path, str, str]] = []
@@ -309,8 +320,8 @@ def _file_list(root: Path, rows: list[tuple], multilabel: bool, list_file: Path)
     return FileList(root, classes, splits, skipped=skipped, list_file=list_file)
 
 
-def _read_csv(path: Path) -> FileList:
-    rows, multilabel = _csv_rows(path)
+def _read_csv(path: Path, task: str = "auto") -> FileList:
+    rows, multilabel = _csv_rows(path, task=task)
     return _file_list(path.parent, [(*r, path) for r in rows], multilabel, path)
 
 
@@ -321,11 +332,11 @@ def _labels_file(folder: Path) -> Path | None:
     return next((folder / n for n in LABELS_FILES if (folder / n).is_file()), None)
 
 
-def _read_labels_files(root: Path, files: dict[str, Path]) -> FileList:
+def _read_labels_files(root: Path, files: dict[str, Path], task: str = "auto") -> FileList:
     """A folder whose train/, val/ and test/ each hold a labels file: one list."""
     rows, kinds = [], set()
     for split, labels_file in files.items():
-        split_rows, multilabel = _csv_rows(labels_file, split)
+        split_rows, multilabel = _csv_rows(labels_file, split, task)
         rows += [(*r, labels_file) for r in split_rows]
         kinds.add(multilabel)
     if len(kinds) > 1:
@@ -345,14 +356,15 @@ def find_data_path(path: str | Path) -> Path:
     return next((root / path for root in data_roots() if (root / path).exists()), path)
 
 
-def list_images(path: str | Path) -> FileList:
+def list_images(path: str | Path, task: str = "auto") -> FileList:
     """Find the labelled images of a folder or CSV/TSV list (no decoding yet); a relative
-    path is looked up in the working directory, then in each ``$CNNKIT_DATA`` directory."""
+    path is looked up in the working directory, then in each ``$CNNKIT_DATA`` directory.
+    ``task``: auto, single or multilabel (a list's label cells read as label sets)."""
     given, path = path, find_data_path(path)
     if path.is_file():
         if path.suffix.lower() not in (".csv", ".tsv", ".txt"):
             raise ValueError(f"{path}: a data file must be a CSV or TSV list of path,label rows")
-        return _read_csv(path)
+        return _read_csv(path, task)
     if not path.is_dir():
         roots = ", ".join(map(str, data_roots()))
         where = f" or in $CNNKIT_DATA ({roots})" if roots else ""
@@ -362,7 +374,7 @@ def list_images(path: str | Path) -> FileList:
             "directory that holds it to $CNNKIT_DATA"
         )
     if labels_file := _labels_file(path):
-        return _read_csv(labels_file)
+        return _read_csv(labels_file, task)
     subdirs = {d.name.lower(): d for d in path.iterdir() if d.is_dir() and not _is_hidden(d)}
     split_labels = {
         SPLIT_NAMES[name]: f
@@ -370,7 +382,12 @@ def list_images(path: str | Path) -> FileList:
         if name in SPLIT_NAMES and (f := _labels_file(d))
     }
     if "train" in split_labels:
-        return _read_labels_files(path, split_labels)
+        return _read_labels_files(path, split_labels, task)
+    if task == "multilabel":
+        raise ValueError(
+            f"{path}: --task multilabel, but a folder of class folders gives one class per "
+            "image; put a path,labels list in it as labels.csv"
+        )
     ignored: list[tuple[Path, str]] = []
     skipped: list[tuple[Path, str]] = []
     if "train" in subdirs:
@@ -792,6 +809,7 @@ def load_folder(
     split_file: str | Path | None = None,
     channels: int | None = None,
     corrections=None,
+    task: str = "auto",
 ):
     """Load a folder or CSV data set into memory (see the module docstring).
 
@@ -799,7 +817,7 @@ def load_folder(
     the images (``choose_input``: grayscale images give 1 channel, small ones a smaller
     size), with a note saying what was chosen. ``split_file``: a run's split.json, to get
     exactly the files that run used (with their labels). ``corrections``: labels changed
-    and files left out before the split (data/corrections.py).
+    and files left out before the split (data/corrections.py). ``task``: see list_images.
     """
     notes: list[str] = []
     if split_file is not None:
@@ -811,12 +829,12 @@ def load_folder(
             if saved.get(s)
         }
     else:
-        listing = list_images(path)
+        listing = list_images(path, task)
         empty = no_images_problem(listing)
         if empty:
             raise ValueError(empty)
         root, classes = listing.root, listing.classes
-        if corrections is not None and any(map(_is_multilabel, listing.splits.values())):
+        if corrections is not None and listing.multilabel:
             raise ValueError(
                 "--relabel / --exclude take one class per image; for a multi-label list, "
                 "edit its labels cells"

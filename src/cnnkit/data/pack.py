@@ -271,6 +271,15 @@ def _pack_folder(listing, val_split, test_split, seed, max_side, quality, writer
     }
 
 
+def refuse_multilabel(listing, src) -> None:
+    """Shards store one class index per image: a multi-label list is refused in one line."""
+    if listing.multilabel:
+        raise ValueError(
+            f"{src}: shards (datasets pack, --stream) hold one class per image, not yet a "
+            "multi-label list; train from the list itself, without --stream"
+        )
+
+
 def pack(
     src: str,
     out: str | Path,
@@ -300,6 +309,8 @@ def pack(
     listing = None if builtin_set else list_images(src)
     if listing is not None and (empty := no_images_problem(listing)):
         raise ValueError(empty)  # a missing or empty source is refused before OUT is touched
+    if listing is not None:
+        refuse_multilabel(listing, src)
     out = Path(out)
     _check_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)

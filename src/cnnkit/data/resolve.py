@@ -24,7 +24,7 @@ from .folder import (
     load_folder,
 )
 from .memory import DataSplits
-from .pack import pack
+from .pack import pack, refuse_multilabel
 from .shards import INDEX_FILE, is_shard_set, read_shard_set
 from .stream import load_streamed
 
@@ -106,6 +106,7 @@ def _load_folder(cfg: Config, size, channels, crop_pct, split_file, corrections)
         limit=d.limit,
         split_file=split_file if split_file and split_file.exists() else None,
         corrections=corrections,
+        task=d.task,
     )
 
 
@@ -116,7 +117,8 @@ def _stream_folder(
     folder loader makes: same listing, fractions and seed), then read as a shard set."""
     d = cfg.data
     root = find_data_path(d.name)
-    listing = list_images(root)
+    listing = list_images(root, d.task)
+    refuse_multilabel(listing, display_name(str(root)))
     h = hashlib.sha256(f"{root.resolve()}|{d.val_split}|{d.test_split}|{cfg.train.seed}".encode())
     for split, files in sorted(listing.splits.items()):
         for path, label in files:
