@@ -354,3 +354,30 @@ def test_the_doctor_checks_a_multilabel_list(tmp_path):
     # odd and not a multiple of 3: 13 of the 40, less 5 and 7 (bird)
     assert checks["no-label"].message.startswith("11 images have no label")
     assert "imbalance" not in checks  # class balance is not a multi-label finding
+
+
+def test_phone_files_carry_the_label_sets(canvas_run, tmp_path):
+    pytest.importorskip("executorch")
+    pytest.importorskip("coremltools")
+    import cnnkit
+    from cnnkit.deploy.mobile import (
+        describe_coreml,
+        export_mobile,
+        read_pte_metadata,
+        runtime_predictor,
+    )
+
+    run, _ = canvas_run
+    thresholds = run.multilabel["thresholds"]
+    pte = export_mobile(run, "executorch", tmp_path / "m.pte", check_images=200)
+    assert read_pte_metadata(pte.path)["multilabel"]["thresholds"] == thresholds
+    images = run.data().test.images[:16]
+    probs = runtime_predictor(pte.path)(images.numpy())
+    fp32 = cnnkit.load_run(run.path, device="cpu", precision="fp32")
+    assert np.allclose(probs, fp32.probabilities(images).cpu().numpy(), atol=1e-3)
+    assert not np.allclose(probs.sum(1), 1, atol=0.05)  # sigmoids, not a softmax
+    found = describe_coreml(export_mobile(run, "coreml", tmp_path / "m.mlpackage").path)
+    assert found["outputs"] == ["probabilities"] and "classify" not in found["operations"]
+    assert "sigmoid" in found["operations"]
+    assert found["metadata"]["multilabel"]["thresholds"] == thresholds
+    assert found["metadata"]["classes"] == run.classes

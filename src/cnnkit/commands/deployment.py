@@ -102,14 +102,9 @@ def _export_mobile(args) -> int:
     elif result.int8:
         q = result.int8
         size = q["size_bytes"]
-        change = (
-            f"accuracy {q['accuracy_int8']:.2%} vs {q['accuracy_fp32']:.2%} fp32 "
-            f"({q['accuracy_change_points']:+.2f} points); "
-            if "accuracy_int8" in q
-            else f"{q['accuracy']}; "
-        )
+        change = q["accuracy"] if "accuracy" in q else _int8_quality(q)
         print(
-            f"wrote {result.int8_path}: {change}size {size['fp32'] / 1e6:.2f} -> "
+            f"wrote {result.int8_path}: {change}; size {size['fp32'] / 1e6:.2f} -> "
             f"{size['int8'] / 1e6:.2f} MB"
         )
     print(f"details: {result.path}.json")

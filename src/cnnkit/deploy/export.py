@@ -369,6 +369,21 @@ def label_set_change(
     }
 
 
+def int8_change(
+    fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, thresholds: list[float] | None
+) -> dict:
+    """How an int8 file's answers differ from the float file's: top-1 accuracy, or, for a
+    multi-label model (its ``thresholds``), mAP, example F1 and identical label sets."""
+    if thresholds is not None:
+        return label_set_change(fp32, int8, labels, thresholds)
+    return accuracy_change(fp32, int8, labels)
+
+
+def thresholds_of(run) -> list[float] | None:
+    """A multi-label run's per-label thresholds (None for one class per image)."""
+    return run.multilabel["thresholds"] if run.multilabel is not None else None
+
+
 def installed_version(package: str) -> str | None:
     """The installed version of a Python package (a converter's, for the record)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -440,7 +455,7 @@ def export_onnx(
                 wrapper,
                 _to_layout(val_images, layout),
                 val_labels,
-                run.multilabel["thresholds"] if run.multilabel else None,
+                thresholds_of(run),
             )
     # The checkpoint it came from: a resumed run then knows this export is stale.
     details = {"checkpoint": run.checkpoint_ref, **result.to_dict()}
@@ -478,13 +493,8 @@ def _int8_report(
                 _images_per_second(lambda x: s8.run(None, {name: x}), images, batch)
             ),
         }
-    change = (
-        label_set_change(p32, p8, labels, thresholds)
-        if thresholds is not None
-        else accuracy_change(p32, p8, labels)
-    )
     return {
-        **change,
+        **int8_change(p32, p8, labels, thresholds),
         "images_per_s": speed,
         "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
     }

@@ -45,13 +45,14 @@ from .export import (
     _model_inputs,
     _run,
     _session,
-    accuracy_change,
     export_metadata,
     export_onnx,
     images_to_probabilities,
     installed_version,
+    int8_change,
     parity,
     refuse_mismatch,
+    thresholds_of,
     torch_probabilities,
 )
 
@@ -134,8 +135,6 @@ def export_mobile(
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be int8, got '{quantize}'")
-    if fmt != "ort":  # the .ort file is the ONNX export's, sigmoid outputs and all
-        run.require_single_label(f"--format {fmt}")
     require(fmt)
     suffix = FORMATS[fmt]
     path = Path(path) if path else run.path / f"model{suffix}"
@@ -214,7 +213,7 @@ def _export_ort(run, path, images, labels, quantize, calibration_images) -> Mobi
         predict8, _ = _ort_predict(int8_path)
         result.int8_path = str(int8_path)
         result.int8 = {
-            **accuracy_change(predict(images), predict8(images), labels),
+            **int8_change(predict(images), predict8(images), labels, thresholds_of(run)),
             "size_bytes": {"fp32": _size(path), "int8": _size(int8_path)},
         }
     return result
@@ -340,7 +339,7 @@ def _export_executorch(run, path, images, labels, quantize, calibration_images) 
         # they must agree (a lowering that does not is refused, not shipped).
         lowering = parity(predict8, module, images)
         result.int8 = {
-            **accuracy_change(predict(images), predict8(images), labels),
+            **int8_change(predict(images), predict8(images), labels, thresholds_of(run)),
             "vs_quantized_pytorch": lowering,
             "size_bytes": {"fp32": _size(path), "int8": _size(int8_path)},
         }
@@ -364,7 +363,9 @@ def _export_executorch(run, path, images, labels, quantize, calibration_images) 
 
 def _coreml_model(run, wrapper):
     """The run as a Core ML classifier: an image input (0-255 pixels, as the uint8 input of
-    the other formats; the normalisation stays in the graph) and the labels inside."""
+    the other formats; the normalisation stays in the graph) and the labels inside. A
+    multi-label run is no classifier (Core ML's picks one label): its output is each
+    label's probability, with the labels and thresholds in the metadata."""
     with _quiet():  # it warns of torch versions newer than it was tested with
         import coremltools as ct
 
@@ -384,7 +385,10 @@ def _coreml_model(run, wrapper):
                     color_layout=ct.colorlayout.GRAYSCALE if c == 1 else ct.colorlayout.RGB,
                 )
             ],
-            classifier_config=ct.ClassifierConfig(list(run.classes)),
+            classifier_config=(
+                None if run.multilabel is not None else ct.ClassifierConfig(list(run.classes))
+            ),
+            outputs=[ct.TensorType(name="probabilities")] if run.multilabel is not None else None,
             convert_to="mlprogram",
             minimum_deployment_target=ct.target.iOS16,
             compute_precision=ct.precision.FLOAT32,
@@ -445,12 +449,21 @@ def _check_coreml(run, path: Path) -> dict:
         problems.append(f"input {found['input']['width']}x{found['input']['height']}")
     if found["input"]["color"] != expected_color:
         problems.append(f"input colour {found['input']['color']}")
-    if found["labels"] != list(run.classes):
-        problems.append("class labels")
-    if found["metadata"].get("preprocessing", {}).get("mean") != list(run.preprocessing["mean"]):
+    meta = found["metadata"]
+    if meta.get("preprocessing", {}).get("mean") != list(run.preprocessing["mean"]):
         problems.append("preprocessing")
-    if "softmax" not in found["operations"] or "classify" not in found["operations"]:
-        problems.append("operations")
+    if run.multilabel is not None:  # sigmoid outputs, the labels and thresholds as metadata
+        if meta.get("classes") != list(run.classes) or meta.get("multilabel", {}).get(
+            "thresholds"
+        ) != list(run.multilabel["thresholds"]):
+            problems.append("labels or thresholds")
+        if "sigmoid" not in found["operations"] or "classify" in found["operations"]:
+            problems.append("operations")
+    else:
+        if found["labels"] != list(run.classes):
+            problems.append("class labels")
+        if "softmax" not in found["operations"] or "classify" not in found["operations"]:
+            problems.append("operations")
     if problems:
         raise RuntimeError(
             f"{path}: the Core ML model differs from the run in {', '.join(problems)}"
@@ -475,8 +488,13 @@ def _export_coreml(run, path, images, labels, quantize, calibration_images) -> M
         None,  # Core ML predicts on Apple systems only
         [
             f"input: a {w}x{h} {found['input']['color']} image (pixels 0-255, normalised inside)",
-            f"classifier outputs {', '.join(found['outputs'])} with the {len(found['labels'])} "
-            "class labels of the run",
+            (
+                f"outputs {', '.join(found['outputs'])}: each label's probability; the "
+                f"{len(run.classes)} labels and their thresholds in the metadata"
+                if run.multilabel is not None
+                else f"classifier outputs {', '.join(found['outputs'])} with the "
+                f"{len(found['labels'])} class labels of the run"
+            ),
             f"operations: {', '.join(dict.fromkeys(found['operations']))}",
             "probabilities not compared: Core ML predicts on macOS and iOS only",
         ],
