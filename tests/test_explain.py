@@ -166,3 +166,51 @@ def test_explain_gives_two_files_with_one_name_two_outputs(tiny_run, tmp_path, c
     assert main(["explain", str(tiny_run.path), *files, "--out", str(tmp_path / "o")]) == 0
     written = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert written == ["1-2-gradcam.png", "1-gradcam.png"]  # neither overwrote the other
+
+
+def test_layer_table_follows_the_model(capsys):
+    from cnnkit.models.summary import layer_table
+
+    model = create_model("seed-cnn", 10, 1, (28, 28))
+    rows = layer_table(model, (1, 28, 28))
+    assert (rows[0].name, rows[0].output, rows[0].params) == ("features.0", (32, 26, 26), 320)
+    assert rows[-1].output == (10,) and rows[-1].kind == "Linear(64, 10)"
+    assert sum(r.params for r in rows) == sum(p.numel() for p in model.parameters())
+    assert main(["models", "seed-cnn", "--input", "3x32x32"]) == 0
+    assert "64x6x6" in capsys.readouterr().out  # (32 - 2) / 2 = 15, (15 - 2) / 2 = 6
+    assert main(["models", "seed-cnn", "--input", "28x28"]) == 1
+    assert "--input takes CxHxW" in capsys.readouterr().err
+
+
+def test_feature_maps_are_the_first_convolutions_output(tiny_run, tmp_path, capsys):
+    from cnnkit.data import load_dataset
+
+    digit = load_dataset("mnist", val_split=0).test.images[0]
+    file = tmp_path / "digit.png"
+    Image.fromarray(digit[0].numpy()).save(file)
+    maps, layer = tiny_run.feature_maps(str(file))
+    assert layer == "features.0" and maps.shape == (32, 26, 26)
+    model = tiny_run.model.eval()
+    with torch.no_grad():
+        expected = model.features[0](tiny_run.normalizer(digit[None].to(tiny_run.device)))
+    torch.testing.assert_close(maps, expected[0].float().cpu())
+    assert main(["explain", str(tiny_run.path), str(file), "--feature-maps"]) == 0
+    grid = Image.open(tiny_run.path / "explain" / "digit-features.png")
+    assert grid.size == (8 * 66 - 2, 4 * 66 - 2)  # 32 maps, 8 a row, 64 px and a 2 px gap
+    assert "features.0, 32 maps of 26x26" in capsys.readouterr().out
+
+
+def test_augmentation_grid_shows_originals_then_views():
+    from cnnkit.data import load_dataset
+    from cnnkit.data.augment import augment_grid
+
+    data = load_dataset("mnist", val_split=0, limit=500)
+    grid, rows = augment_grid(data, "affine", views=3)
+    assert rows == 10 and grid.size == ((4 * 30 - 2) * 3, (10 * 30 - 2) * 3)
+    pixels = np.asarray(grid)[::3, ::3]  # back to one pixel per digit pixel
+    first = data.train.images[int((data.train.labels == 0).nonzero()[0])][0].numpy()
+    assert (pixels[:28, :28] == first).all()  # the original first
+    assert not (pixels[:28, 30:58] == first).all()  # then a moved copy
+    plain, _ = augment_grid(data, "none", views=3)
+    still = np.asarray(plain)[::3, ::3]
+    assert (still[:28, 30:58] == first).all()  # 'none' leaves it as it is

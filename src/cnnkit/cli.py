@@ -225,7 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="Grad-CAM heatmaps of image files, saved as PNG")
     p.add_argument("run", help="run directory")
     p.add_argument("files", nargs="+", help="image files")
-    p.add_argument("--layer", help="convolution to explain (default: the last one)")
+    p.add_argument(
+        "--layer",
+        help="convolution to explain (default: the last one; with --feature-maps the first)",
+    )
+    p.add_argument(
+        "--feature-maps",
+        action="store_true",
+        help="instead of Grad-CAM: what the layer outputs for each image, one tile per "
+        "channel (<name>-features.png)",
+    )
     p.add_argument("--out", help="output folder (default: <run>/explain)")
     p.add_argument("--weights", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
@@ -372,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
         "made once, as training makes it, and unreadable files are reported and left out.",
     )
     p.add_argument(
-        "action", nargs="?", default="list", choices=["list", "info", "check", "pack", "audit"]
+        "action",
+        nargs="?",
+        default="list",
+        choices=["list", "info", "check", "pack", "audit", "preview"],
     )
     p.add_argument("name", nargs="?", help="data set name (info), folder / CSV (check), SRC (pack)")
     p.add_argument("out", nargs="?", metavar="OUT", help="pack: the folder to write shards to")
@@ -414,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="check: near duplicates differ in at most this many of 64 hash bits",
     )
+    p.add_argument(
+        "--augment",
+        default="affine",
+        choices=["none", "affine", "shift", "crop-flip", "flip", "photo"],
+        help="preview: the augmentation preset to show (default affine)",
+    )
+    p.add_argument(
+        "--views",
+        type=_positive_int,
+        default=7,
+        help="preview: augmented views per image, beside the original (default 7)",
+    )
+    p.add_argument("--out", help="preview: the PNG to write (default augment-<preset>.png, here)")
 
     p = sub.add_parser(
         "bench",
@@ -459,7 +484,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the audit as JSON")
     _add_audit_options(p)
 
-    p = sub.add_parser("models", help="models you can train, with parameter counts")
+    p = sub.add_parser(
+        "models",
+        help="models you can train, with parameter counts",
+        description="Without NAME: the registered models. With NAME (a registered name, a "
+        "timm architecture or a layer spec): its layers, the shape each outputs and their "
+        "parameters for --input. Example: cnnkit models seed-cnn --input 1x28x28",
+    )
+    p.add_argument("name", nargs="?", help="a model to show layer by layer")
+    p.add_argument(
+        "--input",
+        default="1x28x28",
+        metavar="CxHxW",
+        help="input shape for the layer table (default 1x28x28, MNIST)",
+    )
+    p.add_argument("--classes", type=_positive_int, default=10, help="outputs (default 10)")
     p.add_argument("--spec-help", action="store_true", help="explain the layer-spec grammar")
     return parser
 

@@ -47,6 +47,8 @@ def cmd_datasets(args) -> int:
         )
     if args.action == "check":
         return _check(args, con)
+    if args.action == "preview":
+        return _preview(args)
     spec = builtin(args.name)
     data = load_dataset(spec.name, data_dir=args.data_dir, val_split=0)
     con.print(f"[bold]{spec.name}[/]: {spec.title}")
@@ -230,6 +232,63 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _preview(args) -> int:
+    """datasets preview DATA --augment PRESET: a grid of training images (one per class,
+    up to 10), each followed by --views augmented versions, as training draws them."""
+    from cnnkit.config import Config, apply_overrides
+    from cnnkit.data.augment import augment_grid
+    from cnnkit.data.resolve import load_data
+
+    settings = {"data": args.name, "data_dir": args.data_dir}
+    cfg = apply_overrides(Config(), {k: v for k, v in settings.items() if v is not None})
+    data = load_data(cfg, None)
+    out = Path(args.out or f"augment-{args.augment}.png")
+    grid, rows = augment_grid(data, args.augment, views=args.views)
+    grid.save(out)
+    print(
+        f"wrote {out}: {rows} {data.name} training images (one per class), each then "
+        f"{args.views} views of '{args.augment}' augmentation"
+    )
+    return 0
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    """'1x28x28' -> (1, 28, 28), refused in one line otherwise."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--input takes CxHxW such as 1x28x28 or 3x224x224, got '{text}'")
+    c, h, w = map(int, parts)
+    return c, h, w
+
+
+def _show_model(args, con) -> int:
+    """cnnkit models NAME: each layer's output shape and parameters for --input."""
+    from cnnkit.models import create_model
+    from cnnkit.models.summary import layer_table
+
+    c, h, w = _input_shape(args.input)
+    model = create_model(args.name, args.classes, c, (h, w))
+    try:
+        rows = layer_table(model, (c, h, w))
+    except RuntimeError as e:  # e.g. an input too small for the pooling steps
+        reason = str(e).strip().splitlines()[0][:160]
+        raise ValueError(f"{args.name} does not run on a {args.input} input ({reason})") from None
+    t = _table(
+        f"{args.name} on a {c}x{h}x{w} input, {args.classes} outputs",
+        "layer",
+        "type",
+        "output shape",
+        "parameters",
+        text_columns=3,
+    )
+    for r in rows:
+        t.add_row(r.name, r.kind, "x".join(map(str, r.output)), f"{r.params:,}")
+    con.print(t)
+    total = sum(p.numel() for p in model.parameters())
+    con.print(f"{total:,} parameters in all")
+    return 0
+
+
 def cmd_models(args) -> int:
     from cnnkit.models import SPEC_HELP, create_model, list_models
 
@@ -237,6 +296,8 @@ def cmd_models(args) -> int:
     if args.spec_help:
         print(SPEC_HELP)
         return 0
+    if args.name:
+        return _show_model(args, con)
     t = _table(
         "models (parameter counts for 10 classes)",
         "name",

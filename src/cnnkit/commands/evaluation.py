@@ -210,6 +210,8 @@ def cmd_explain(args) -> int:
     run = cnnkit.load_run(args.run, weights=args.weights, device=args.device)
     out = Path(args.out) if args.out else run.path / "explain"
     out.mkdir(parents=True, exist_ok=True)
+    if args.feature_maps:
+        return _feature_maps(run, args.files, args.layer, out)
     failed, used = 0, set()
     for path, (pred, image) in zip(
         args.files, run.explain(args.files, layer=args.layer), strict=True
@@ -226,6 +228,26 @@ def cmd_explain(args) -> int:
         viewable(image).save(target)
         unknown = " (unknown: below the out-of-distribution threshold)" if pred.unknown else ""
         print(f"{pred.source}: {pred.top[0][0]} {pred.top[0][1]:.1%}{unknown} -> {target}")
+    return 1 if failed else 0
+
+
+def _feature_maps(run, files: list[str], layer: str | None, out: Path) -> int:
+    """explain --feature-maps: one grid of the layer's maps per image file."""
+    from cnnkit.data.decode import ImageReadError
+    from cnnkit.evaluate.explain import feature_grid
+
+    failed = 0
+    for path in files:
+        try:
+            maps, name = run.feature_maps(path, layer)
+        except (OSError, ImageReadError) as e:  # this file only; a wrong --layer stops all
+            print(f"error: {path}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        target = out / f"{Path(path).stem}-features.png"
+        feature_grid(maps).save(target)
+        k, h, w = maps.shape
+        print(f"{path}: {name}, {k} maps of {h}x{w} -> {target}")
     return 1 if failed else 0
 
 

@@ -162,3 +162,33 @@ def train_transform(name: str, stored: tuple[int, int], size: tuple[int, int]) -
     if fn is None:
         return lambda x, g: center_crop(x, size)
     return lambda x, g: center_crop(fn(x, g), size)
+
+
+def augment_grid(data, preset: str, views: int = 7, rows: int = 10, seed: int = 0):
+    """A PIL image: per row, one training image of a class (up to ``rows`` classes), then
+    ``views`` augmented versions drawn as training draws them (seeded); and the row count."""
+    from PIL import Image
+
+    train = data.train
+    labels = train.labels if train.labels.dim() == 1 else train.labels.argmax(1)
+    picks = [int(torch.nonzero(labels == c)[0]) for c in labels.unique().tolist()[:rows]]
+    originals = train.images[picks]
+    size = tuple(data.shape[1:])
+    fn = train_transform(preset, tuple(originals.shape[-2:]), size)
+    g = torch.Generator().manual_seed(seed)
+    unit = originals.float() / 255  # augmentation works on [0, 1] floats, as in training
+    shown = [center_crop(unit, size)]
+    shown += [fn(unit, g) if fn else center_crop(unit, size) for _ in range(views)]
+    tiles = (torch.stack(shown, 1) * 255).round().clamp(0, 255).byte()  # (rows, 1+views, C, H, W)
+    n, cols, c, h, w = tiles.shape
+    gap = max(1, h // 14)
+    canvas = torch.full((c, n * (h + gap) - gap, cols * (w + gap) - gap), 255, dtype=torch.uint8)
+    for i in range(n):
+        for j in range(cols):
+            canvas[:, i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = tiles[
+                i, j
+            ]
+    array = canvas.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[..., 0] if c == 1 else array)
+    factor = max(1, 96 // h)  # 28x28 digits drawn at 3x
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST), n

@@ -126,6 +126,49 @@ def viewable(image: Image.Image, min_side: int = VIEWABLE_SIDE) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
+def feature_maps(model: nn.Module, x: torch.Tensor, layer: str | None = None):
+    """The output maps (K, h, w) of one layer (default: the first convolution) for one
+    normalised image ``x`` (1, C, H, W), and the layer's name: what that layer sees."""
+    modules = dict(model.named_modules())
+    names = conv_layers(model)
+    layer = layer or (names[0] if names else None)
+    if layer not in modules:
+        raise ValueError(
+            f"no layer '{layer}' in the model; convolutional layers: {', '.join(names[:8])}"
+        )
+    saved: dict[str, torch.Tensor] = {}
+    handle = modules[layer].register_forward_hook(lambda m, i, out: saved.update(maps=out))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    maps = saved["maps"]
+    if maps.dim() != 4:
+        raise ValueError(f"layer '{layer}' gives no image-like maps (shape {tuple(maps.shape)})")
+    return maps[0].float().cpu(), layer
+
+
+def feature_grid(maps: torch.Tensor, columns: int = 8, cell: int = 64) -> Image.Image:
+    """A PIL image of (K, h, w) maps in a grid, each scaled to its own 0-255 range
+    (bright: a strong response) and enlarged to ``cell`` pixels with a 2-pixel gap."""
+    from PIL import Image
+
+    k = maps.shape[0]
+    rows = math.ceil(k / columns)
+    gap = 2
+    grid = Image.new("L", (columns * (cell + gap) - gap, rows * (cell + gap) - gap), 40)
+    for i, m in enumerate(maps):
+        lo, hi = float(m.min()), float(m.max())
+        scaled = ((m - lo) / (hi - lo) * 255 if hi > lo else torch.zeros_like(m)).byte()
+        tile = Image.fromarray(scaled.numpy()).resize((cell, cell), Image.NEAREST)
+        grid.paste(tile, ((i % columns) * (cell + gap), (i // columns) * (cell + gap)))
+    return grid
+
+
 def explain_images(
     model: nn.Module,
     normalizer: Normalizer,

@@ -18,7 +18,7 @@ from cnnkit.data.memory import Normalizer
 from cnnkit.data.resolve import load_trained_data
 from cnnkit.data.stream import read_samples, split_chunks
 from cnnkit.device import ExecutionContext
-from cnnkit.evaluate.explain import explain_images
+from cnnkit.evaluate.explain import explain_images, feature_maps
 from cnnkit.evaluate.metrics import ClassificationReport, classification_report
 from cnnkit.evaluate.multilabel import MultilabelReport, multilabel_report
 from cnnkit.evaluate.multilabel_page import write_multilabel_report
@@ -471,6 +471,12 @@ class Run:
             )
         shown = dict(zip(readable, overlays, strict=True))
         return [(pred, shown.get(i)) for i, pred in enumerate(predictions)]
+
+    def feature_maps(self, image, layer: str | None = None) -> tuple[torch.Tensor, str]:
+        """What one layer (default: the first convolution) outputs for one image (a file
+        path, PIL image or uint8 array): its maps (K, h, w) and the layer's name."""
+        x = to_input_tensor(image, self.preprocessing).unsqueeze(0).to(self.device)
+        return feature_maps(self.model, self.normalizer(x), layer)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities of uint8 images (N, C, H, W) at the model's input size
