@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-keras ort-web
+.PHONY: demo test lint docs bench bench-keras ort-web
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(VENV)/.installed-dev ort-web
 # browser tests: installed once from npm into ~/.cache/cnnkit/onnxruntime-web.
 ort-web: $(VENV)/.installed
 	$(BIN)/python -m cnnkit.deploy.webapp --fetch-runtime
+
+# The documentation site, offline, as static HTML in docs/_build/html; any warning fails it.
+docs: $(VENV)/.installed-dev
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks

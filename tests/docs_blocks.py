@@ -10,6 +10,7 @@ A comment line right above a block's fence sets how it runs (docs/writing-docs.m
     <!-- test: skip: needs a GPU -->                   not run here; the reason is required
     <!-- test: quick: "--epochs 5" -> "--epochs 1" --> in a quick run, this text replaced
     <!-- test: expect: "accuracy (\\d+\\.\\d+)%" in 97..100; quick 80..100 -->
+    <!-- test: contains: "diagnosis: overfitting" -->   this text must be printed
     <!-- test: timeout: 900 -->                        seconds (default 600)
 
 ``expect`` takes a regular expression whose first group is a number; the number printed
@@ -54,6 +55,7 @@ class Block:
     skip: str | None = None
     quick: list[tuple[str, str]] = field(default_factory=list)
     expects: list[Expect] = field(default_factory=list)
+    contains: list[str] = field(default_factory=list)
     timeout: float = DEFAULT_TIMEOUT_S
 
     @property
@@ -89,6 +91,10 @@ def _directive(block: Block, name: str, value: str) -> None:
             )
         quick = (float(m.group(4)), float(m.group(5))) if m.group(4) else None
         block.expects.append(Expect(m.group(1), (float(m.group(2)), float(m.group(3))), quick))
+    elif name == "contains":
+        if not (len(value) > 2 and value[0] == value[-1] == '"'):
+            raise ValueError(f'{block.where}: write contains: "text", got {value!r}')
+        block.contains.append(value[1:-1])
     elif name == "timeout":
         block.timeout = float(value)
     else:
@@ -103,7 +109,7 @@ def read_blocks(page: Path) -> list[Block]:
     i = 0
     while i < len(lines):
         line = lines[i]
-        fence = re.match(r"^(`{3,})\s*([\w+-]*)", line)
+        fence = re.match(r"^(`{3,})\s*(\{[\w-]+\}|[\w+-]*)", line)  # ```bash, ```{note}
         if m := _DIRECTIVE.match(line.strip()):
             pending.append((m.group(1), m.group(2)))
         elif fence:
@@ -126,8 +132,11 @@ def read_blocks(page: Path) -> list[Block]:
 
 
 def check_expectations(block: Block, output: str, quick: bool) -> list[str]:
-    """What drifted: each expect whose number is missing or outside its band."""
-    problems = []
+    """What drifted: each expect whose number is missing or outside its band, each
+    ``contains`` text not printed."""
+    problems = [
+        f"{block.where}: did not print {text!r}" for text in block.contains if text not in output
+    ]
     for e in block.expects:
         found = re.findall(e.pattern, output)
         if not found:

@@ -198,6 +198,11 @@ def cmd_report(args) -> int:
         f"ECE {report['calibration']['ece']:.4f}; diagnosis: "
         + ", ".join(v["verdict"] for v in report["diagnosis"])
     )
+    for finding in report["diagnosis"]:  # what the page says, so the terminal says it too
+        if finding.get("summary"):
+            print(f"  {finding['verdict']}: {finding['summary']}")
+        for remedy in finding.get("remedies", []):
+            print(f"    - {remedy}")
     print(f"wrote {html_path} and {json_path}")
     _log_to_mlflow(run.path, [html_path, json_path])
     return 0
