@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cnnkit.deploy import webapp
 from docs_blocks import (
     RUN_LANGUAGES,
     PageSession,
@@ -20,6 +21,9 @@ from docs_blocks import (
 )
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+# Where onnxruntime-web is (make ort-web), decided before a test points the cache elsewhere:
+# the deploy page's web app copies it.
+ORT_WEB = os.environ.get(webapp.ORT_WEB_ENV) or str(webapp._package_in(webapp.ort_web_cache_dir()))
 TUTORIALS = sorted(p for p in (DOCS / "tutorials").glob("*.md"))
 NOTEBOOKS = sorted((DOCS / "tutorials").glob("*.ipynb"))
 QUICK = os.environ.get("CNNKIT_DOCS_FULL") != "1"
@@ -27,7 +31,7 @@ QUICK = os.environ.get("CNNKIT_DOCS_FULL") != "1"
 
 def _run_page(page: Path, workdir: Path) -> list[str]:
     """Run a page's blocks; fail at the first that errs, return the drifted figures."""
-    session = PageSession(workdir, docs_env())
+    session = PageSession(workdir, {**docs_env(), webapp.ORT_WEB_ENV: ORT_WEB})
     problems: list[str] = []
     try:
         for block in read_blocks(page):
