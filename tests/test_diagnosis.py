@@ -51,6 +51,23 @@ def test_flat_loss():
     assert any("raise the learning rate" in r for r in v.remedies)
 
 
+def test_stuck_at_chance_after_a_blow_up():
+    # lr 1 on MNIST: the loss explodes in epoch 1, then settles near ln(10) at 10% accuracy
+    h = curves(
+        [26883.8, 2.4566, 2.4375, 2.4397],
+        [2.4678, 2.4273, 2.3861, 2.3878],
+        train_acc=[0.1037, 0.0967, 0.094, 0.0923],
+        val_acc=[0.0973, 0.1023, 0.0993, 0.1043],
+    )
+    [v] = diagnose(h, classes=10)
+    assert v.verdict == "stuck" and "blew up to 2.688e+04 at epoch 1" in v.summary
+    assert any("lower the learning rate" in r for r in v.remedies)
+    assert "underfitting" in verdicts(h)  # without the class count: the old, wrong advice
+    # a loss that never blew up and a flat curve at chance: not this verdict
+    flat = curves([2.30, 2.30, 2.29], [2.30, 2.30, 2.30], train_acc=[0.1] * 3, val_acc=[0.1] * 3)
+    assert verdicts(flat, classes=10) == ["flat"]
+
+
 def test_diverging_and_nan_loss():
     [v] = diagnose(curves([0.5, 0.3, math.nan], [0.5, 0.3, math.nan]))
     assert v.verdict == "diverging" and "epoch 3" in v.summary

@@ -14,11 +14,13 @@ GAP = 0.05  # train minus validation accuracy above this is a generalisation gap
 FLAT = 0.05  # training loss falling by less than this share over the run is flat
 LOW_ACCURACY = 0.85  # training accuracy below this at the end: the model underfits
 STILL_FALLING = 0.10  # the last epoch cut the training loss by more than this share
+CHANCE = 1.5  # accuracy below this many times 1/classes is no better than guessing
+BLOW_UP = 3.0  # a training loss above this many times ln(classes) (guessing's loss) blew up
 
 
 @dataclass
 class Verdict:
-    verdict: str  # diverging | flat | overfitting | underfitting | not-converged |
+    verdict: str  # diverging | stuck | flat | overfitting | underfitting | not-converged |
     # unnormalised-inputs | healthy
     summary: str
     evidence: dict[str, float] = field(default_factory=dict)
@@ -32,8 +34,11 @@ def _finite(v) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def diagnose(history: list[dict], preprocessing: dict | None = None) -> list[Verdict]:
-    """Verdicts on a run's per-epoch metrics (metrics.csv rows); 'healthy' if none apply."""
+def diagnose(
+    history: list[dict], preprocessing: dict | None = None, classes: int | None = None
+) -> list[Verdict]:
+    """Verdicts on a run's per-epoch metrics (metrics.csv rows); 'healthy' if none apply.
+    ``classes``: how many, for telling a model that only guesses."""
     out: list[Verdict] = []
     if preprocessing is not None and (unnormalised := _unnormalised_inputs(preprocessing)):
         out.append(unnormalised)
@@ -42,6 +47,10 @@ def diagnose(history: list[dict], preprocessing: dict | None = None) -> list[Ver
     if diverging := _diverging(history):
         # a diverged curve says nothing about fit or convergence: stop at this verdict
         out.append(diverging)
+        return out
+    if classes and (stuck := _stuck(history, classes)):
+        # a model that blew up and now guesses: "underfitting, raise the rate" would mislead
+        out.append(stuck)
         return out
     if flat := _flat(history):
         out.append(flat)
@@ -111,6 +120,36 @@ def _diverging(history: list[dict]) -> Verdict | None:
             "lower the learning rate (--lr), e.g. by 10x",
             "add warm-up (--schedule cosine --warmup-epochs 1)",
             "check the inputs for extreme values",
+        ],
+    )
+
+
+def _stuck(history: list[dict], classes: int) -> Verdict | None:
+    """Accuracy at chance to the end after a training loss far above guessing's: steps too
+    large threw the weights where every input gets the same answer (dead ReLUs), and the
+    loss settles back near ln(classes) while nothing is learnt."""
+    last, chance = history[-1], 1 / classes
+    peak = max((r["train_loss"] for r in history if _finite(r["train_loss"])), default=None)
+    guessing = math.log(classes)
+    accuracies = [last.get("train_acc"), last.get("val_acc")]
+    if not (
+        len(history) >= 2
+        and peak is not None
+        and peak > BLOW_UP * guessing
+        and all(a is None or a < CHANCE * chance for a in accuracies)
+    ):
+        return None
+    blown = next(r for r in history if r["train_loss"] == peak)
+    return Verdict(
+        "stuck",
+        f"accuracy is stuck at chance (training {last['train_acc']:.2%} with {classes} "
+        f"classes, where guessing gives {chance:.0%}) after the training loss blew up to "
+        f"{peak:,.4g} at epoch {int(blown['epoch'])} (guessing's loss is {guessing:.2f}): the "
+        "learning rate is too high",
+        {"peak_train_loss": peak, "epoch": blown["epoch"], "train_acc": last["train_acc"]},
+        [
+            "lower the learning rate (--lr) by 10x or more; cnnkit lr-find suggests one",
+            "add warm-up (--schedule cosine --warmup-epochs 1)",
         ],
     )
 

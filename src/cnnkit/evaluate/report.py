@@ -71,7 +71,7 @@ def build_report(run, split: str | None = None, gallery: int = 12) -> tuple[dict
         "split_reason": choice.reason,
         "caveat": choice.caveat,  # None unless the numbers are optimistic (val or train)
         "history": history,
-        "diagnosis": [v.to_dict() for v in diagnose(history, run.preprocessing)],
+        "diagnosis": [v.to_dict() for v in diagnose(history, run.preprocessing, len(run.classes))],
         "metrics": metrics.to_dict(),
         "most_confused": _most_confused(metrics.confusion_matrix, run.classes),
         "calibration": calib,
