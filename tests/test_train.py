@@ -171,6 +171,8 @@ def test_epoch_clock_times_the_gpu_not_the_host():
 
     from cnnkit.train.loop import _EpochClock
 
+    torch.cuda._sleep(1)  # the first call loads the kernel: not part of what is timed
+    torch.cuda.synchronize()
     clock = _EpochClock(torch.device("cuda"))
     t0 = time.perf_counter()
     torch.cuda._sleep(200_000_000)  # queued: the host goes on at once
