@@ -33,14 +33,10 @@ def cmd_datasets(args) -> int:
     if args.action == "pack":
         return _pack(args, con)
     if args.action == "audit":
-        from cnnkit.config import Config, apply_overrides
-
         if not args.name:
             raise ValueError("usage: cnnkit datasets audit DATA (a built-in name, folder or CSV)")
-        settings = {"data": args.name, "data_dir": args.data_dir}
-        cfg = apply_overrides(Config(), {k: v for k, v in settings.items() if v is not None})
         out = args.audit_out or f"audit-{Path(args.name).name}"
-        return _audit(args, cfg, Path(out))
+        return _audit(args, _data_config(args), Path(out))
     if not args.name:
         raise ValueError(
             f"usage: cnnkit datasets {args.action} {'NAME' if args.action == 'info' else 'PATH'}"
@@ -232,16 +228,21 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _data_config(args):
+    """The default settings with the data set of a datasets command (NAME, --data-dir)."""
+    from cnnkit.config import Config, apply_overrides
+
+    settings = {"data": args.name, "data_dir": args.data_dir}
+    return apply_overrides(Config(), {k: v for k, v in settings.items() if v is not None})
+
+
 def _preview(args) -> int:
     """datasets preview DATA --augment PRESET: a grid of training images (one per class,
     up to 10), each followed by --views augmented versions, as training draws them."""
-    from cnnkit.config import Config, apply_overrides
     from cnnkit.data.augment import augment_grid
     from cnnkit.data.resolve import load_data
 
-    settings = {"data": args.name, "data_dir": args.data_dir}
-    cfg = apply_overrides(Config(), {k: v for k, v in settings.items() if v is not None})
-    data = load_data(cfg, None)
+    data = load_data(_data_config(args), None)
     out = Path(args.out or f"augment-{args.augment}.png")
     grid, rows = augment_grid(data, args.augment, views=args.views)
     grid.save(out)

@@ -129,17 +129,18 @@ def _stuck(history: list[dict], classes: int) -> Verdict | None:
     large threw the weights where every input gets the same answer (dead ReLUs), and the
     loss settles back near ln(classes) while nothing is learnt."""
     last, chance = history[-1], 1 / classes
-    peak = max((r["train_loss"] for r in history if _finite(r["train_loss"])), default=None)
+    finite = [r for r in history if _finite(r["train_loss"])]
+    blown = max(finite, key=lambda r: r["train_loss"], default=None)  # the highest loss
     guessing = math.log(classes)
     accuracies = [last.get("train_acc"), last.get("val_acc")]
     if not (
         len(history) >= 2
-        and peak is not None
-        and peak > BLOW_UP * guessing
+        and blown is not None
+        and blown["train_loss"] > BLOW_UP * guessing
         and all(a is None or a < CHANCE * chance for a in accuracies)
     ):
         return None
-    blown = next(r for r in history if r["train_loss"] == peak)
+    peak = blown["train_loss"]
     return Verdict(
         "stuck",
         f"accuracy is stuck at chance (training {last['train_acc']:.2%} with {classes} "

@@ -41,16 +41,13 @@ def layer_table(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
     order they run; a module called twice gets two rows."""
     rows: list[LayerRow] = []
     names = {m: n for n, m in model.named_modules()}
-    hooks = []
-    for m in model.modules():
-        if not list(m.children()):
 
-            def record(module, _inputs, output):
-                shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
-                params = sum(p.numel() for p in module.parameters(recurse=False))
-                rows.append(LayerRow(names[module], _kind(module), shape, params))
+    def record(module, _inputs, output):
+        shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        rows.append(LayerRow(names[module], _kind(module), shape, params))
 
-            hooks.append(m.register_forward_hook(record))
+    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     was_training = model.training
     try:
         model.eval()
