@@ -12,6 +12,8 @@ A comment line right above a block's fence sets how it runs (docs/writing-docs.m
     <!-- test: expect: "accuracy (\\d+\\.\\d+)%" in 97..100; quick 80..100 -->
     <!-- test: contains: "diagnosis: overfitting" -->   this text must be printed
     <!-- test: timeout: 900 -->                        seconds (default 600)
+    <!-- test: file: my-space.yaml -->                 a shown file (yaml, ...): written
+                                                       to the page's folder, for later blocks
 
 ``expect`` takes a regular expression whose first group is a number; the number printed
 by the block must lie in the band (the ``quick`` band in a quick run), or the test fails.
@@ -57,6 +59,7 @@ class Block:
     expects: list[Expect] = field(default_factory=list)
     contains: list[str] = field(default_factory=list)
     timeout: float = DEFAULT_TIMEOUT_S
+    file: str | None = None  # a block that is a file: written there, not run
 
     @property
     def where(self) -> str:
@@ -97,6 +100,10 @@ def _directive(block: Block, name: str, value: str) -> None:
         block.contains.append(value[1:-1])
     elif name == "timeout":
         block.timeout = float(value)
+    elif name == "file":
+        if not value or Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError(f"{block.where}: write file: a path inside the page's folder")
+        block.file = value
     else:
         raise ValueError(f"{block.where}: unknown test directive '{name}'")
 
@@ -175,6 +182,11 @@ class PageSession:
     def run(self, block: Block, quick: bool) -> tuple[bool, str]:
         """(succeeded, output) of one block."""
         code = block.source(quick)
+        if block.file:
+            target = self.workdir / block.file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(code)
+            return True, ""
         if block.language == "bash":
             try:
                 done = subprocess.run(

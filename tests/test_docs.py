@@ -24,7 +24,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 # Where onnxruntime-web is (make ort-web), decided before a test points the cache elsewhere:
 # the deploy page's web app copies it.
 ORT_WEB = os.environ.get(webapp.ORT_WEB_ENV) or str(webapp._package_in(webapp.ort_web_cache_dir()))
-TUTORIALS = sorted(p for p in (DOCS / "tutorials").glob("*.md"))
+TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))
+HOWTOS = sorted(p for p in DOCS.glob("*.md") if p.name != "index.md")  # and architecture...
 NOTEBOOKS = sorted((DOCS / "tutorials").glob("*.ipynb"))
 QUICK = os.environ.get("CNNKIT_DOCS_FULL") != "1"
 
@@ -35,7 +36,7 @@ def _run_page(page: Path, workdir: Path) -> list[str]:
     problems: list[str] = []
     try:
         for block in read_blocks(page):
-            if block.language not in RUN_LANGUAGES or block.skip:
+            if (block.language not in RUN_LANGUAGES and not block.file) or block.skip:
                 continue
             ok, output = session.run(block, QUICK)
             if not ok:
@@ -46,8 +47,8 @@ def _run_page(page: Path, workdir: Path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("page", TUTORIALS, ids=lambda p: p.stem)
-def test_tutorial_page_runs(page, tmp_path):
+@pytest.mark.parametrize("page", TUTORIALS + HOWTOS, ids=lambda p: p.stem)
+def test_page_runs(page, tmp_path):
     if not os.environ.get("CNNKIT_DATA"):
         pytest.skip("the pages read MNIST from $CNNKIT_DATA (no download here)")
     problems = _run_page(page, tmp_path)
@@ -56,7 +57,7 @@ def test_tutorial_page_runs(page, tmp_path):
 
 def test_every_page_block_is_tagged():
     """An untagged fence would be neither run nor marked as output: say which it is."""
-    for page in [*TUTORIALS, DOCS / "index.md"]:
+    for page in [*TUTORIALS, *HOWTOS, DOCS / "index.md"]:
         for block in read_blocks(page):
             assert block.language, f"{block.where}: tag the block (bash, python, text, ...)"
 
@@ -135,6 +136,8 @@ def test_blocks_run_in_order_sharing_a_folder_and_a_python_session(tmp_path):
         "```bash\necho 41 > n.txt\n```\n\n"
         "```python\nn = int(open('n.txt').read()) + 1\n```\n\n"
         "```text\nnot run\n```\n\n"
+        "<!-- test: file: d/m.txt -->\n```text\n1\n```\n\n"
+        '```bash\ntest "$(cat d/m.txt)" = 1\n```\n\n'
         '<!-- test: expect: "n=(\\d+)" in 42..42 -->\n'
         "```python\nprint(f'n={n}')\n```\n",
     )

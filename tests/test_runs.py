@@ -48,6 +48,9 @@ def test_compare_ranks_by_validation_never_by_test(two_runs, tmp_path):
         _set_val_acc(poor, by_name[str(poor)]["val_accuracy"])
     assert result["best"] == str(poor)
     assert "ranked by validation accuracy" in result["ranking"]
+    # Asked for validation, runs that have a test split are not said to lack one.
+    on_val = compare_runs([good, poor], split="val")
+    assert on_val["split"] == "val" and "--split val" in on_val["ranking"]
 
 
 def test_cli_compare_says_which_column_ranks(two_runs, tmp_path, capsys, monkeypatch):
@@ -231,8 +234,10 @@ def test_resume_names_the_outputs_a_new_best_checkpoint_made_stale(tmp_path, mni
     assert run.stale_outputs() == []
 
     assert main(["train", "--resume", str(run.path), "--epochs", "2", "--quiet"]) == 0
-    assert cnnkit.load_run(run.path).checkpoint_info["epoch"] == 2  # a new best.pt
+    resumed = cnnkit.load_run(run.path)
+    assert resumed.checkpoint_info["epoch"] == 2  # a new best.pt
     out = capsys.readouterr().out
+    assert f"{run.path}: 2 epochs, best.pt val acc {resumed.val_accuracy:.4f}" in out
     assert "stale  eval-val.json: made from best.pt epoch 1" in out
     assert "stale  report.json, report.html: made from best.pt epoch 1" in out
     assert f"rebuild: cnnkit report {run.path}" in out
@@ -247,6 +252,7 @@ def test_resume_names_the_outputs_a_new_best_checkpoint_made_stale(tmp_path, mni
 def test_compare_runs_without_a_test_split_on_their_validation_split(no_test_run, tmp_path):
     result = compare_runs([no_test_run.path, no_test_run.path], plot=tmp_path / "c.png")
     assert result["split"] == "val" and len(result["runs"]) == 2
+    assert "these runs have no test split" in result["ranking"]
 
 
 def test_resume_does_not_take_a_folder_that_only_holds_a_recipe(tmp_path):

@@ -86,6 +86,8 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(mnist_dir, tmp_path):
     assert (state["epoch"], state["step"]) == (1, 6)
     cnnkit.resume(cut, quiet=True)
     assert_same_training(full, cut)
+    log = (cut / "train.log").read_text()
+    assert "resume from last.pt: epoch 2, step 6 (saved mid-epoch); 1 epoch done before" in log
 
 
 def test_time_budget_stops_cleanly(mnist_dir, tmp_path):

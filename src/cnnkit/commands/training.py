@@ -109,8 +109,12 @@ def cmd_train(args) -> int:
     if rank:  # rank 0 reports
         return 0
     if args.quiet:  # scripts still learn where the run is and how it ended
-        last = run.history[-1]
-        val = f"val acc {last['val_acc']:.4f}" if last["val_acc"] is not None else "no val"
+        last, kept = run.history[-1]["val_acc"], run.val_accuracy
+        val = "no val"
+        if kept is not None:  # best.pt's epoch, which is not always the last
+            val = f"best.pt val acc {kept:.4f}" + (
+                f" (last epoch {last:.4f})" if last is not None and last != kept else ""
+            )
         print(f"{run.path}: {len(run.history)} epochs, {val}")
     if args.resume:  # a new best.pt leaves the old report, evaluations and export behind
         for output in run.stale_outputs():

@@ -75,12 +75,13 @@ def compare_runs(
         ),
         default=None,
     )
-    split = "/".join(dict.fromkeys(used))  # the split(s) the figures are from
+    asked, split = split, "/".join(dict.fromkeys(used))  # the split(s) the figures are from
     note = RANKING_NOTE.format(split=split)
-    if "test" not in used:  # runs without a test split: their figures are the chooser's own
+    if "test" not in used:  # the figures beside the ranking are the chooser's own
+        why = "--split val" if asked == "val" else "these runs have no test split"
         note = (
-            "ranked by validation accuracy; these runs have no test split, so the accuracy "
-            "beside it is on the validation split that chose best.pt (optimistic)"
+            f"ranked by validation accuracy; {why}, so the accuracy beside it is on the "
+            "validation split that chose best.pt (optimistic)"
         )
     unranked = [Path(r["run"]).name for r in rows if r["val_accuracy"] is None]
     if unranked:

@@ -282,6 +282,18 @@ def _header(plan: _Plan, run_dir: Path, say: Callable[[str], None]) -> None:
     say(f"run    {run_dir}")
 
 
+def _resumed_from(state: dict) -> str:
+    """Where a resumed run picks up, in the header's words."""
+    stage = "" if state["stage"] == "train" else f"{state['stage']} "
+    where = f"{stage}epoch {state['epoch_offset'] + state['epoch'] + 1}"
+    if state["step"]:
+        where += f", step {state['step']} (saved mid-epoch)"
+    done = len(state["history"])
+    if done:
+        where += f"; {done} epoch{'' if done == 1 else 's'} done before"
+    return f"resume from last.pt: {where}"
+
+
 def _head_on_features(plan: _Plan, say: Callable[[str], None]) -> tuple[nn.Module, DataSplits]:
     """The head alone and the splits as backbone features, computed once."""
     t0 = time.perf_counter()
@@ -384,6 +396,8 @@ def _run_training(
                 trackers = make_trackers(plan.cfg, run_dir, say)
                 all_hooks += trackers + list(hooks)  # the caller's last: it may raise
             _header(plan, run_dir, say)
+            if resume is not None and resume.train_state is not None:
+                say(_resumed_from(resume.train_state["state"]))
             if new_folder_run:
                 for finding in quick_check(plan.data):
                     say(f"{finding.level}: {finding.message}")
