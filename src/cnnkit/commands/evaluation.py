@@ -74,7 +74,7 @@ def cmd_evaluate(args) -> int:
     if args.tta:
         con.print(
             f"test-time augmentation: accuracy {report.accuracy:.2%} vs {plain.accuracy:.2%}"
-            f" plain, a gain of {(report.accuracy - plain.accuracy) * 100:+.2f} points "
+            f" plain, a change of {(report.accuracy - plain.accuracy) * 100:+.2f} points "
             "(the tables show the TTA numbers)"
         )
     for warning in report.warnings:
