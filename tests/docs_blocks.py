@@ -237,8 +237,10 @@ class PageSession:
 
 def docs_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment blocks run in: this Python's scripts (cnnkit) first on PATH, plots
-    to files."""
+    to files, tables as wide as when piped (not as the caller's terminal)."""
     env = dict(base if base is not None else os.environ)
+    for name in ("COLUMNS", "LINES"):  # the pages show piped output, whatever the terminal
+        env.pop(name, None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MPLBACKEND"] = "Agg"
     return env

@@ -166,6 +166,20 @@ def test_quick_replacements_bands_and_skips(tmp_path):
     ]
 
 
+def test_blocks_print_as_piped_whatever_the_terminal_width(tmp_path):
+    """A COLUMNS from the caller's terminal (or a test runner's worker) would fold cnnkit's
+    tables, and figures the pages check would be cut."""
+    env = docs_env({"COLUMNS": "40", "LINES": "10", "PATH": "/usr/bin"})
+    assert "COLUMNS" not in env and "LINES" not in env
+    page = _page(
+        tmp_path, '<!-- test: contains: "unset" -->\n```bash\necho ${COLUMNS:-unset}\n```\n'
+    )
+    session = PageSession(tmp_path, env)
+    block = read_blocks(page)[0]
+    ok, out = session.run(block, quick=True)
+    assert ok and check_expectations(block, out, quick=True) == []
+
+
 def test_a_failing_block_or_a_drifted_figure_fails(tmp_path):
     from _pytest.outcomes import Failed
 
