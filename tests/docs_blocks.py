@@ -62,6 +62,11 @@ class Block:
     file: str | None = None  # a block that is a file: written there, not run
 
     @property
+    def runs(self) -> bool:
+        """Whether the test does something with the block: runs it, or writes its file."""
+        return (self.language in RUN_LANGUAGES or self.file is not None) and not self.skip
+
+    @property
     def where(self) -> str:
         return f"{self.page.name}:{self.line}"
 

@@ -13,7 +13,6 @@ import pytest
 
 from cnnkit.deploy import webapp
 from docs_blocks import (
-    RUN_LANGUAGES,
     PageSession,
     check_expectations,
     docs_env,
@@ -25,7 +24,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 # the deploy page's web app copies it.
 ORT_WEB = os.environ.get(webapp.ORT_WEB_ENV) or str(webapp._package_in(webapp.ort_web_cache_dir()))
 TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))
-HOWTOS = sorted(p for p in DOCS.glob("*.md") if p.name != "index.md")  # and architecture...
+# Every other page: the how-to guides, and reference pages whose blocks are all text.
+HOWTOS = sorted(p for p in DOCS.glob("*.md") if p.name != "index.md")
 NOTEBOOKS = sorted((DOCS / "tutorials").glob("*.ipynb"))
 QUICK = os.environ.get("CNNKIT_DOCS_FULL") != "1"
 
@@ -36,7 +36,7 @@ def _run_page(page: Path, workdir: Path) -> list[str]:
     problems: list[str] = []
     try:
         for block in read_blocks(page):
-            if (block.language not in RUN_LANGUAGES and not block.file) or block.skip:
+            if not block.runs:
                 continue
             ok, output = session.run(block, QUICK)
             if not ok:
@@ -156,7 +156,7 @@ def test_quick_replacements_bands_and_skips(tmp_path):
         "```bash\nexit 1\n```\n",
     )
     blocks = read_blocks(page)
-    assert blocks[1].skip == "needs a GPU"
+    assert blocks[1].skip == "needs a GPU" and not blocks[1].runs and blocks[0].runs
     assert blocks[0].source(quick=True) == "echo run --epochs 3 | sed 's/run --/epochs /'\n"
     session = PageSession(tmp_path, docs_env())
     ok, out = session.run(blocks[0], quick=True)
@@ -167,8 +167,8 @@ def test_quick_replacements_bands_and_skips(tmp_path):
 
 
 def test_blocks_print_as_piped_whatever_the_terminal_width(tmp_path):
-    """A COLUMNS from the caller's terminal (or a test runner's worker) would fold cnnkit's
-    tables, and figures the pages check would be cut."""
+    """A COLUMNS exported by the caller's terminal would fold cnnkit's tables, and figures
+    the pages check would be cut."""
     env = docs_env({"COLUMNS": "40", "LINES": "10", "PATH": "/usr/bin"})
     assert "COLUMNS" not in env and "LINES" not in env
     page = _page(
